@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from server.generators import GENERATOR_KINDS, build_generator
+from server.generators import build_generator
 from server.heads import LinearHead, VerbalizerHead
 
 CONFIG_NAME = "adapter_config.json"

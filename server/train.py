@@ -366,8 +366,9 @@ def settings_dict(settings: TrainSettings) -> dict:
 
 def save_full_model(result: TrainResult, out: Path) -> None:
     """Full fine-tuning has no adapter to serve; keep its weights (safetensors) and metrics for comparison."""
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     assert result.full_model is not None
