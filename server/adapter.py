@@ -166,7 +166,7 @@ class TaskAdapter(nn.Module):
 
 
 def label_word_ids(config: AdapterConfig, tokenizer) -> tuple[list[int] | None, list[str]]:
-    """Each label word must be one token of the backbone's vocabulary; RoBERTa-style vocabularies want a leading space."""
+    """Each label word must be one token of the backbone's vocabulary (RoBERTa-style ones want a leading space)."""
     if config.head != "verbalizer" or not config.label_words:
         return None, []
     ids, problems = [], []

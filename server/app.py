@@ -185,7 +185,8 @@ class Service:
     def check_texts(self, texts: list[str]) -> None:
         s = self.settings
         if len(texts) > s.max_texts_per_request:
-            raise TooLarge(f"{len(texts)} texts in one request; at most {s.max_texts_per_request} (LPT_MAX_TEXTS_PER_REQUEST)")
+            raise TooLarge(
+                f"{len(texts)} texts in one request; at most {s.max_texts_per_request} (LPT_MAX_TEXTS_PER_REQUEST)")
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ValidationFailed(f"text {i} is empty; send at least one non-space character")

@@ -140,7 +140,7 @@ class Backbone(nn.Module):
         dtype: str | torch.dtype | None = None,
         with_mlm_head: bool | None = None,
     ) -> Backbone:
-        """Load a local model folder (never a hub download). `with_mlm_head=None` loads the MLM head if the folder has one."""
+        """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one."""
         folder = Path(path) if path is not None else default_backbone_path()
         if not (folder / "config.json").is_file():
             raise BackboneError(f"{folder} is not a model folder (no config.json): pass a local BERT/RoBERTa folder")
@@ -164,8 +164,9 @@ class Backbone(nn.Module):
         name = _model_name(folder, config)
         bb = cls(encoder, tokenizer, mlm_head=head, name=name)
         bb.to(dev)
-        log.info("backbone loaded", extra={"backbone": name, "device": str(dev), "dtype": str(torch_dtype),
-                                           "layers": bb.num_layers, "hidden": bb.hidden_size, "mlm_head": head is not None})
+        log.info("backbone loaded", extra={
+            "backbone": name, "device": str(dev), "dtype": str(torch_dtype), "layers": bb.num_layers,
+            "hidden": bb.hidden_size, "mlm_head": head is not None})
         return bb
 
     def freeze(self) -> None:

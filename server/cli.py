@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["lpt", "prompt", "full"], default="lpt",
                    help="lpt: late prompt; prompt: classic prompt tuning at the input; full: full fine-tuning")
     p.add_argument("--generator", choices=["npg", "mppg", "appg"], default="npg", help="prompt generator (lpt)")
-    p.add_argument("--prompt-layer", type=int, default=None, help="layer k after which the prompt enters (default N//2)")
+    p.add_argument("--prompt-layer", type=int, default=None,
+                   help="layer k after which the prompt enters (default N//2)")
     p.add_argument("--prompt-length", type=int, default=5, help="prompt vectors L")
     p.add_argument("--bottleneck", type=int, default=128, help="generator bottleneck d")
     p.add_argument("--dropout", type=float, default=0.1)

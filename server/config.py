@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     max_length: int | None = Field(None, ge=8, description="tokens per text; longer texts are cut and flagged")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="size of an adapter upload at most (413)")
     device_budget_mb: float = Field(512.0, ge=0, description="adapter weights kept on the device; the rest on CPU")
-    pinned_tasks: Annotated[list[str], NoDecode] = Field(default_factory=list, description="tasks never offloaded from the device")
+    pinned_tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="tasks never offloaded from the device")
     warmup: bool = Field(True, description="run one forward pass at start so /readyz means ready")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(True, description="one JSON object per log line")

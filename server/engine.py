@@ -136,7 +136,8 @@ def upper_forward(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Te
 
 
 @torch.inference_mode()
-def classify_rows(backbone: Backbone, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded]) -> list[torch.Tensor]:
+def classify_rows(backbone: Backbone, adapters: Sequence[TaskAdapter],
+                  encoded: Sequence[Encoded]) -> list[torch.Tensor]:
     """Class probabilities for each row (each its own task), in row order, from one mixed pass.
 
     Rows with identical token ids (one text asked of several tasks with the same template) run the layers

@@ -47,7 +47,8 @@ def checked_task_name(task: str) -> str:
         return validate_task_name(task)
     except InvalidTaskName as exc:
         raise ValidationFailed(
-            f"task name {task!r} is invalid: use 1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
+            f"task name {task!r} is invalid: use 1-64 characters of a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit"
         ) from exc
 
 

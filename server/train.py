@@ -119,12 +119,13 @@ class LowerCache:
     """H_k of every example, computed once with the frozen layers, stored unpadded on the CPU."""
 
     def __init__(self, backbone: Backbone, encoded: Sequence[Encoded], upto: int, batch_size: int,
-                 desc: str = "caching lower layers") -> None:
+                 desc: str = "caching lower layers", progress: bool = True) -> None:
         self.rows: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
         lengths = [len(e.input_ids) for e in encoded]
         pad_id = backbone.tokenizer.pad_token_id or 0
         with torch.inference_mode():
-            for batch in tqdm(_length_batches(lengths, batch_size, None), desc=desc, unit="batch", leave=False):
+            for batch in tqdm(_length_batches(lengths, batch_size, None), desc=desc, unit="batch", leave=False,
+                              disable=not progress):
                 ids, mask = pad_rows([encoded[i].input_ids for i in batch], pad_id)
                 hidden = backbone.lower(ids.to(backbone.device), mask.to(backbone.device), upto=upto)
                 for j, i in enumerate(batch):
@@ -165,7 +166,8 @@ class Trainer:
         if s.method != "full":
             k = self.prompt_layer()
             if not 0 <= k < self.backbone.num_layers:
-                raise TrainError(f"--prompt-layer {k} is out of range 0..{self.backbone.num_layers - 1} for this backbone")
+                raise TrainError(
+                    f"--prompt-layer {k} is out of range 0..{self.backbone.num_layers - 1} for this backbone")
         if s.head == "verbalizer" and s.label_words and len(s.label_words) != len(labels):
             raise TrainError(f"--label-words gives {len(s.label_words)} words for {len(labels)} labels {labels}")
         return labels
@@ -222,17 +224,21 @@ class Trainer:
         k = self.prompt_layer() if s.method != "full" else 0
         if s.method != "full" and s.cache_lower:
             t0 = time.perf_counter()
-            train_cache = LowerCache(self.backbone, train_enc, k, s.eval_batch_size, "caching train lower layers")
-            dev_cache = LowerCache(self.backbone, dev_enc, k, s.eval_batch_size, "caching dev lower layers")
+            train_cache = LowerCache(self.backbone, train_enc, k, s.eval_batch_size, "caching train lower layers",
+                                     self.progress)
+            dev_cache = LowerCache(self.backbone, dev_enc, k, s.eval_batch_size, "caching dev lower layers",
+                                   self.progress)
             cache_seconds = time.perf_counter() - t0
 
         steps_per_epoch = math.ceil(len(train_enc) / s.batch_size)
         total_steps = steps_per_epoch * s.epochs
         optimizer = torch.optim.AdamW(trainable, lr=s.resolved_lr(), weight_decay=s.weight_decay)
         warmup_steps = max(1, int(s.warmup * total_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min((step + 1) / warmup_steps, max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
-        )
+
+        def warmup_then_linear_decay(step: int) -> float:
+            return min((step + 1) / warmup_steps, max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay)
         lengths = [len(e.input_ids) for e in train_enc]
         reports: list[EpochReport] = []
         best: tuple[float, int, dict] = (-1.0, 0, {})
@@ -334,10 +340,7 @@ class _FullModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(ids, mask)
-        if self.head.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            pooled = masked_mean(hidden, mask)
+        pooled = hidden[:, 0] if self.head.pooling == "cls" else masked_mean(hidden, mask)
         return self.head.classifier(self.head.dropout(pooled))
 
 

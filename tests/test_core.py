@@ -27,8 +27,14 @@ from server.generators import NaivePromptGenerator, PoolingPromptGenerator, adap
 from server.heads import VerbalizerHead
 from tests.helpers import adapter_files, make_adapter
 
-TEXTS = ["a good film", "the movie was not very good and it is bad", "terrible", "great great great film", "it",
-         "is it a film or a movie? it was very, very bad."]
+TEXTS = [
+    "a good film",
+    "the movie was not very good and it is bad",
+    "terrible",
+    "great great great film",
+    "it",
+    "is it a film or a movie? it was very, very bad.",
+]
 
 
 # ------------------------------------------------------------------------------------------------- backbone
@@ -130,9 +136,16 @@ def test_verbalizer_reads_the_mlm_head_at_mask(tiny_mlm_backbone, tiny_mlm_folde
 
 
 def test_verbalizer_needs_an_mlm_head(tiny_backbone):
-    config = AdapterConfig(task="v", labels=["neg", "pos"], head="verbalizer", template="{text} it was <mask>",
-                           label_words=["bad", "good"], prompt_layer=1, prompt_length=2,
-                           backbone=tiny_backbone.fingerprint.as_dict())
+    config = AdapterConfig(
+        task="v",
+        labels=["neg", "pos"],
+        head="verbalizer",
+        template="{text} it was <mask>",
+        label_words=["bad", "good"],
+        prompt_layer=1,
+        prompt_length=2,
+        backbone=tiny_backbone.fingerprint.as_dict(),
+    )
     problems = check_adapter(config, {}, tiny_backbone)
     assert any("MLM head" in p for p in problems)
 
@@ -145,10 +158,19 @@ def _task_zoo(bb: Backbone) -> list:
         make_adapter(bb, "mppg-l1", seed=2, generator="mppg", prompt_layer=1, prompt_length=3, labels=["a", "b", "c"]),
         make_adapter(bb, "appg-l3", seed=3, generator="appg", prompt_layer=3, prompt_length=7),
         make_adapter(bb, "static", seed=4, method="prompt", generator="static", prompt_layer=0, prompt_length=4),
-        make_adapter(bb, "cls-pool", seed=5, prompt_layer=2, prompt_length=1, pooling="cls",
-                     labels=["w", "x", "y", "z"]),
-        make_adapter(bb, "verb", seed=6, prompt_layer=2, prompt_length=2, head="verbalizer",
-                     template="{text} . it was <mask> .", label_words=["bad", "good"]),
+        make_adapter(
+            bb, "cls-pool", seed=5, prompt_layer=2, prompt_length=1, pooling="cls", labels=["w", "x", "y", "z"]
+        ),
+        make_adapter(
+            bb,
+            "verb",
+            seed=6,
+            prompt_layer=2,
+            prompt_length=2,
+            head="verbalizer",
+            template="{text} . it was <mask> .",
+            label_words=["bad", "good"],
+        ),
     ]
 
 
@@ -226,18 +248,21 @@ def _reworked(config_bytes: bytes, **changes) -> bytes:
     return json.dumps(data).encode()
 
 
-@pytest.mark.parametrize("changes,expected", [
-    ({"backbone.hidden_size": 64}, "hidden size is 64"),
-    ({"backbone.num_layers": 12}, "layer count is 12"),
-    ({"backbone.vocab_hash": "sha256:0000"}, "vocabulary differs"),
-    ({"backbone.name": "roberta-large"}, "trained on backbone 'roberta-large'"),
-    ({"prompt_layer": 4}, "prompt layer 4 is out of range 0..3"),
-    ({"prompt_length": 9}, "tensor 'generator.up.weight' has shape"),
-    ({"labels": ["a", "b", "c"]}, "tensor 'head.classifier.weight' has shape"),
-    ({"labels": ["a"]}, "labels"),
-    ({"generator": "mppg"}, "shape"),
-    ({"generator": "bogus"}, "generator"),
-])
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"backbone.hidden_size": 64}, "hidden size is 64"),
+        ({"backbone.num_layers": 12}, "layer count is 12"),
+        ({"backbone.vocab_hash": "sha256:0000"}, "vocabulary differs"),
+        ({"backbone.name": "roberta-large"}, "trained on backbone 'roberta-large'"),
+        ({"prompt_layer": 4}, "prompt layer 4 is out of range 0..3"),
+        ({"prompt_length": 9}, "tensor 'generator.up.weight' has shape"),
+        ({"labels": ["a", "b", "c"]}, "tensor 'head.classifier.weight' has shape"),
+        ({"labels": ["a"]}, "labels"),
+        ({"generator": "mppg"}, "shape"),
+        ({"generator": "bogus"}, "generator"),
+    ],
+)
 def test_mismatches_are_named(tiny_backbone, tmp_path, changes, expected):
     adapter = make_adapter(tiny_backbone, "t", prompt_layer=2)
     config_bytes, weights = adapter_files(adapter, tmp_path)

@@ -15,12 +15,15 @@ from adapters_store.store import AdapterStore
 from server.app import create_app
 from server.config import Settings
 from server.engine import classify_rows, encode_texts
-from tests.helpers import adapter_files, make_adapter
+from tests.helpers import adapter_files, make_adapter, serving
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TASKS = {"alpha": {"prompt_layer": 1}, "beta": {"prompt_layer": 2, "generator": "mppg", "labels": ["a", "b", "c"]},
-         "gamma": {"prompt_layer": 3, "generator": "appg", "prompt_length": 3}}
+TASKS = {
+    "alpha": {"prompt_layer": 1},
+    "beta": {"prompt_layer": 2, "generator": "mppg", "labels": ["a", "b", "c"]},
+    "gamma": {"prompt_layer": 3, "generator": "appg", "prompt_length": 3},
+}
 
 
 @pytest.fixture
@@ -50,9 +53,8 @@ async def start(tiny_backbone, store_root, **overrides):
 @pytest.fixture
 async def server(tiny_backbone, store_root):
     app = await start(tiny_backbone, store_root)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://lpt") as client:
-            yield Harness(app, client)
+    async with serving(app) as client:
+        yield Harness(app, client)
 
 
 def expected_probs(service, task: str, text: str) -> torch.Tensor:
@@ -169,15 +171,14 @@ async def test_restart_serves_what_was_committed(tiny_backbone, store_root, tmp_
     config, weights = adapter_files(make_adapter(tiny_backbone, "delta", seed=7), tmp_path / "d")
     for round_ in range(2):
         app = await start(tiny_backbone, store_root)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://lpt") as client:
-                if round_ == 0:
-                    await client.put("/admin/tasks/delta", files={"config": config, "weights": weights}, headers=AUTH)
-                    await client.delete("/admin/tasks/beta", headers=AUTH)
-                    before = (await client.post("/classify/delta", json={"text": "good"})).json()
-                else:
-                    names = {t["task"] for t in (await client.get("/tasks")).json()["tasks"]}
-                    after = (await client.post("/classify/delta", json={"text": "good"})).json()
+        async with serving(app) as client:
+            if round_ == 0:
+                await client.put("/admin/tasks/delta", files={"config": config, "weights": weights}, headers=AUTH)
+                await client.delete("/admin/tasks/beta", headers=AUTH)
+                before = (await client.post("/classify/delta", json={"text": "good"})).json()
+            else:
+                names = {t["task"] for t in (await client.get("/tasks")).json()["tasks"]}
+                after = (await client.post("/classify/delta", json={"text": "good"})).json()
     assert names == {"alpha", "gamma", "delta"}
     assert after == before
 
@@ -197,8 +198,9 @@ async def test_hot_upload_and_rollback_under_load_fail_nothing(server, tiny_back
 
     async def operator():
         for config, weights in uploads:
-            r = await server.client.put("/admin/tasks/alpha", files={"config": config, "weights": weights},
-                                        headers=AUTH)
+            r = await server.client.put(
+                "/admin/tasks/alpha", files={"config": config, "weights": weights}, headers=AUTH
+            )
             assert r.status_code == 201
             await asyncio.sleep(0.05)
         assert (await server.client.post("/admin/tasks/alpha/rollback", headers=AUTH)).status_code == 200
@@ -211,8 +213,10 @@ async def test_hot_upload_and_rollback_under_load_fail_nothing(server, tiny_back
 
 
 # ----------------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"texts": []}', b'{"text": "a", "texts": ["b"]}',
-                                  b'{"text": 5}', b'{"txt": "a"}', b'{}'])
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[]", b'{"texts": []}', b'{"text": "a", "texts": ["b"]}', b'{"text": 5}', b'{"txt": "a"}', b"{}"],
+)
 async def test_invalid_bodies_are_422(server, body):
     r = await server.client.post("/classify/alpha", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422
@@ -236,16 +240,23 @@ async def test_too_large_is_413(server):
 async def test_unknown_task_is_404(server):
     r = await server.client.post("/classify/nope", json={"text": "good"})
     assert r.status_code == 404 and r.json() == {
-        "error": {"type": "task_not_found", "message": "task 'nope' is not served; GET /tasks lists the served tasks"}}
-    r = await server.client.post("/classify", json={"items": [{"task": "alpha", "text": "x"}, {"task": "no", "text": "y"}]})
+        "error": {"type": "task_not_found", "message": "task 'nope' is not served; GET /tasks lists the served tasks"}
+    }
+    r = await server.client.post(
+        "/classify", json={"items": [{"task": "alpha", "text": "x"}, {"task": "no", "text": "y"}]}
+    )
     assert r.status_code == 404
 
 
-@pytest.mark.parametrize("headers,status", [({}, 401), ({"Authorization": "Bearer wrong-token"}, 403),
-                                            ({"Authorization": "Basic abc"}, 401)])
+@pytest.mark.parametrize(
+    "headers,status", [({}, 401), ({"Authorization": "Bearer wrong-token"}, 403), ({"Authorization": "Basic abc"}, 401)]
+)
 async def test_admin_needs_the_token(server, headers, status):
-    for method, path in [("PUT", "/admin/tasks/alpha"), ("DELETE", "/admin/tasks/alpha"),
-                         ("POST", "/admin/tasks/alpha/rollback")]:
+    for method, path in [
+        ("PUT", "/admin/tasks/alpha"),
+        ("DELETE", "/admin/tasks/alpha"),
+        ("POST", "/admin/tasks/alpha/rollback"),
+    ]:
         kwargs = {"files": {"config": b"{}", "weights": b"x"}} if method == "PUT" else {}
         r = await server.client.request(method, path, headers=headers, **kwargs)
         assert r.status_code == status, (method, path)
@@ -255,16 +266,15 @@ async def test_admin_needs_the_token(server, headers, status):
 
 async def test_admin_off_without_token(tiny_backbone, store_root):
     app = create_app(Settings(store=store_root), backbone=tiny_backbone)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://lpt") as client:
-            r = await client.delete("/admin/tasks/alpha", headers=AUTH)
-            assert r.status_code == 403 and "LPT_ADMIN_TOKEN" in r.json()["error"]["message"]
-            assert (await client.get("/tasks/alpha")).status_code == 200
+    async with serving(app) as client:
+        r = await client.delete("/admin/tasks/alpha", headers=AUTH)
+        assert r.status_code == 403 and "LPT_ADMIN_TOKEN" in r.json()["error"]["message"]
+        assert (await client.get("/tasks/alpha")).status_code == 200
 
 
 async def test_bad_adapters_are_400_and_change_nothing(server, tiny_backbone, tmp_path):
-    from tests.tiny import make_tiny_bert
     from server.backbone import Backbone
+    from tests.tiny import make_tiny_bert
 
     good_config, good_weights = adapter_files(make_adapter(tiny_backbone, "alpha", seed=5), tmp_path / "g")
     other = Backbone.load(make_tiny_bert(tmp_path / "other", hidden=48, layers=3))
@@ -298,25 +308,22 @@ async def test_unsafe_task_names_are_refused(server, tiny_backbone, tmp_path, na
 
 async def test_oversized_upload_is_413(tiny_backbone, store_root):
     app = create_app(Settings(store=store_root, admin_token=TOKEN, max_upload_bytes=2048), backbone=tiny_backbone)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://lpt") as client:
-            r = await client.put("/admin/tasks/alpha", files={"config": b"{}", "weights": b"x" * 3000}, headers=AUTH)
-            assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
-            r = await client.put("/admin/tasks/alpha", files={"config": b"{}", "weights": b"x" * 10_000},
-                                 headers=AUTH)
-            assert r.status_code == 413
+    async with serving(app) as client:
+        r = await client.put("/admin/tasks/alpha", files={"config": b"{}", "weights": b"x" * 3000}, headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
+        r = await client.put("/admin/tasks/alpha", files={"config": b"{}", "weights": b"x" * 10_000}, headers=AUTH)
+        assert r.status_code == 413
 
 
 async def test_full_queue_is_429_with_retry_after(tiny_backbone, store_root):
     app = await start(tiny_backbone, store_root, max_queue=4, max_batch_size=4, max_wait_ms=300)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://lpt") as client:
-            first = asyncio.create_task(client.post("/classify/alpha", json={"texts": ["a", "b", "c"]}))
-            await asyncio.sleep(0.1)  # three rows wait for the batch to fill
-            r = await client.post("/classify/beta", json={"texts": ["a", "b"]})
-            assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
-            assert int(r.headers["Retry-After"]) >= 1
-            assert (await first).status_code == 200
+    async with serving(app) as client:
+        first = asyncio.create_task(client.post("/classify/alpha", json={"texts": ["a", "b", "c"]}))
+        await asyncio.sleep(0.1)  # three rows wait for the batch to fill
+        r = await client.post("/classify/beta", json={"texts": ["a", "b"]})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await first).status_code == 200
 
 
 async def test_deadline_is_504(tiny_backbone, store_root):
@@ -350,8 +357,9 @@ async def test_failed_pass_is_500_without_trace_and_server_keeps_serving(tiny_ba
             raise RuntimeError("secret internal detail")
 
         service.batcher.run_batch = broken
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app, raise_app_exceptions=False),
-                                     base_url="http://lpt") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://lpt"
+        ) as client:
             r = await client.post("/classify/alpha", json={"text": "good"})
             assert r.status_code == 500 and "secret" not in r.text
             assert r.json()["error"]["type"] == "internal_error"
@@ -400,7 +408,16 @@ async def test_metrics_have_per_task_labels(server):
 async def test_openapi_documents_the_contract(server):
     spec = (await server.client.get("/openapi.json")).json()
     paths = spec["paths"]
-    assert {"/classify/{task}", "/classify", "/tasks", "/tasks/{task}", "/admin/tasks/{task}",
-            "/admin/tasks/{task}/rollback", "/metrics", "/healthz", "/readyz"} <= set(paths)
+    assert {
+        "/classify/{task}",
+        "/classify",
+        "/tasks",
+        "/tasks/{task}",
+        "/admin/tasks/{task}",
+        "/admin/tasks/{task}/rollback",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+    } <= set(paths)
     assert "201" in paths["/admin/tasks/{task}"]["put"]["responses"]
     assert "404" in paths["/classify/{task}"]["post"]["responses"]

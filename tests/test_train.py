@@ -21,7 +21,9 @@ def synthetic(n: int, seed: int) -> list[tuple[str, str]]:
     for _ in range(n):
         label = rng.choice(["neg", "pos"])
         word = rng.choice(["good", "great"] if label == "pos" else ["bad", "terrible"])
-        filler = " ".join(rng.choice(["the", "film", "movie", "it", "was", "very", "and"]) for _ in range(rng.randint(1, 8)))
+        filler = " ".join(
+            rng.choice(["the", "film", "movie", "it", "was", "very", "and"]) for _ in range(rng.randint(1, 8))
+        )
         rows.append((f"{filler} {word} {filler}" if rng.random() < 0.5 else f"{word} {filler}", label))
     return rows
 
@@ -38,7 +40,8 @@ def test_metrics():
 def test_lpt_learns_and_keeps_the_best_epoch(tiny_backbone):
     before = {n: p.clone() for n, p in tiny_backbone.named_parameters()}
     result = Trainer(tiny_backbone, TrainSettings(epochs=6, batch_size=16, lr=3e-2), progress=False).train(
-        "synthetic", TRAIN, DEV, "synthetic")
+        "synthetic", TRAIN, DEV, "synthetic"
+    )
     assert result.dev_metrics["accuracy"] >= 0.9
     assert result.best_epoch == max(range(1, 7), key=lambda e: (result.epochs[e - 1].dev_accuracy, -e))
     # The kept weights are the best epoch's: evaluating them reproduces its dev accuracy.
@@ -79,9 +82,11 @@ def test_other_methods_train(tiny_folder, method):
     from server.backbone import Backbone
 
     backbone = Backbone.load(tiny_folder)  # full fine-tuning changes the weights: use a private copy
-    result = Trainer(backbone, TrainSettings(method=method, epochs=2, batch_size=16,
-                                             lr=3e-2 if method == "prompt" else 1e-3),
-                     progress=False).train("t", TRAIN, DEV)
+    result = Trainer(
+        backbone,
+        TrainSettings(method=method, epochs=2, batch_size=16, lr=3e-2 if method == "prompt" else 1e-3),
+        progress=False,
+    ).train("t", TRAIN, DEV)
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss * 1.05
     if method == "prompt":
         assert result.adapter.config.prompt_layer == 0 and result.adapter.config.generator == "static"
@@ -93,20 +98,31 @@ def test_other_methods_train(tiny_folder, method):
 
 
 def test_verbalizer_trains(tiny_mlm_backbone):
-    result = Trainer(tiny_mlm_backbone, TrainSettings(epochs=4, batch_size=16, lr=3e-2, head="verbalizer",
-                                                      template="{text} . it was <mask> .",
-                                                      label_words=["bad", "good"]), progress=False).train(
-        "v", TRAIN, DEV)
+    result = Trainer(
+        tiny_mlm_backbone,
+        TrainSettings(
+            epochs=4,
+            batch_size=16,
+            lr=3e-2,
+            head="verbalizer",
+            template="{text} . it was <mask> .",
+            label_words=["bad", "good"],
+        ),
+        progress=False,
+    ).train("v", TRAIN, DEV)
     # The head has no weights of its own: the generator alone learns, through the frozen MLM head.
     assert result.adapter.num_parameters() == sum(p.numel() for p in result.adapter.generator.parameters())
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
 
 
-@pytest.mark.parametrize("train,dev,message", [
-    ([], DEV, "no rows"),
-    ([("good", "pos"), ("great", "pos")], DEV, "single class"),
-    (TRAIN, [("good", "other")], "labels the training data lacks"),
-])
+@pytest.mark.parametrize(
+    "train,dev,message",
+    [
+        ([], DEV, "no rows"),
+        ([("good", "pos"), ("great", "pos")], DEV, "single class"),
+        (TRAIN, [("good", "other")], "labels the training data lacks"),
+    ],
+)
 def test_bad_training_data_is_one_sentence(tiny_backbone, train, dev, message):
     with pytest.raises(TrainError, match=message):
         Trainer(tiny_backbone, TrainSettings(epochs=1), progress=False).train("t", train, dev)
@@ -131,8 +147,24 @@ def test_cli_train_then_eval(tiny_folder, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", TRAIN)
     test = write_jsonl(tmp_path / "test.jsonl", DEV)
     out = tmp_path / "adapter"
-    done = run_lpt("train", "--data", str(data), "--task", "synth", "--out", str(out), "--epochs", "4",
-                   "--backbone", str(tiny_folder), "--no-progress", "--test", str(test), "--lr", "3e-2")
+    done = run_lpt(
+        "train",
+        "--data",
+        str(data),
+        "--task",
+        "synth",
+        "--out",
+        str(out),
+        "--epochs",
+        "4",
+        "--backbone",
+        str(tiny_folder),
+        "--no-progress",
+        "--test",
+        str(test),
+        "--lr",
+        "3e-2",
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["test"]["accuracy"] >= 0.85
@@ -144,12 +176,15 @@ def test_cli_train_then_eval(tiny_folder, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == summary["test"]["accuracy"]
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    ('{"sentence": "x", "label": "a"}\n{"sentence": "y", "label": "b"}\n', "text"),
-    ('{"text": "x", "label": "a"}\n{"text": "y", "label": "a"}\n', "two"),
-    ('{"text": "", "label": "a"}\n{"text": "y", "label": "b"}\n', "empty"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        ('{"sentence": "x", "label": "a"}\n{"sentence": "y", "label": "b"}\n', "text"),
+        ('{"text": "x", "label": "a"}\n{"text": "y", "label": "a"}\n', "two"),
+        ('{"text": "", "label": "a"}\n{"text": "y", "label": "b"}\n', "empty"),
+    ],
+)
 def test_cli_bad_data_is_one_clear_line(tiny_folder, tmp_path, content, message):
     path = tmp_path / "data.jsonl"
     if content is not None:
@@ -167,8 +202,12 @@ def test_cli_adapter_for_another_backbone(tiny_folder, tmp_path):
     other = make_tiny_bert(tmp_path / "other", hidden=48, layers=3)
     data = write_jsonl(tmp_path / "d.jsonl", DEV)
     out = tmp_path / "adapter"
-    assert run_lpt("train", "--data", str(data), "--out", str(out), "--epochs", "1", "--no-progress",
-                   "--backbone", str(other)).returncode == 0
+    assert (
+        run_lpt(
+            "train", "--data", str(data), "--out", str(out), "--epochs", "1", "--no-progress", "--backbone", str(other)
+        ).returncode
+        == 0
+    )
     done = run_lpt("eval", "--adapter", str(out), "--data", str(data), "--backbone", str(tiny_folder))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "hidden size is 48" in done.stderr and "layer count is 3" in done.stderr
@@ -177,8 +216,18 @@ def test_cli_adapter_for_another_backbone(tiny_folder, tmp_path):
 def test_cli_help_explains_itself():
     done = run_lpt("train", "--help")
     assert done.returncode == 0
-    for flag in ("--generator", "--prompt-layer", "--prompt-length", "--bottleneck", "--epochs", "--lr",
-                 "--batch-size", "--seed", "--dev-split", "--method"):
+    for flag in (
+        "--generator",
+        "--prompt-layer",
+        "--prompt-length",
+        "--bottleneck",
+        "--epochs",
+        "--lr",
+        "--batch-size",
+        "--seed",
+        "--dev-split",
+        "--method",
+    ):
         assert flag in done.stdout
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy baselines, training cost, serving overhead (see each script's --help)."""

@@ -1,0 +1,232 @@
+"""Real HTTP: `lpt-serve` under uvicorn in a subprocess, driven by the Python client and the `lpt` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters_store.store import AdapterStore
+from clients import AsyncLptClient, LptClient, TaskNotFoundError
+from tests.helpers import make_adapter
+
+TOKEN = "http-admin-token"
+
+# Started in place of `lpt-serve` when a test wants the server to die mid-upload: the store's test seam blocks
+# the upload halfway through writing the weights and leaves a marker, and the test kills the process there.
+CRASHING_SERVER = """
+import sys, time, pathlib
+import adapters_store.store as store
+marker = pathlib.Path(sys.argv[1])
+def block(stage):
+    if stage == "write-weights":
+        marker.write_text(stage)
+        time.sleep(3600)
+store._crash_hook = block
+from server.main import main
+main(sys.argv[2:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(
+        self, backbone_dir: Path, store: Path, *, script: str | None = None, script_args=(), max_wait_ms: float = 2
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        flags = [
+            "--backbone",
+            str(backbone_dir),
+            "--store",
+            str(store),
+            "--port",
+            str(self.port),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--log-level",
+            "warning",
+        ]
+        command = (
+            [sys.executable, "-c", script, *script_args, *flags]
+            if script
+            else [sys.executable, "-m", "server.main", *flags]
+        )
+        env = os.environ | {"LPT_ADMIN_TOKEN": TOKEN}
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server not ready")
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        self.proc.send_signal(sig)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture
+def store_root(tiny_backbone, tmp_path) -> Path:
+    store = AdapterStore(tmp_path / "store")
+    for i, task in enumerate(["alpha", "beta"]):
+        store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i, prompt_layer=i + 1).save(tmp_path / task))
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def server(tiny_folder, store_root):
+    srv = Server(tiny_folder, store_root)
+    yield srv
+    srv.stop()
+
+
+def test_client_over_real_http(server, tiny_backbone, tmp_path):
+    with LptClient(server.url, admin_token=TOKEN) as client:
+        result = client.classify("alpha", ["good film", "bad"])
+        assert result.task == "alpha" and len(result.predictions) == 2
+        assert {t.task for t in client.tasks()} == {"alpha", "beta"}
+        mixed = client.classify_many([("beta", "good"), ("alpha", "good")])
+        assert [p.task for p in mixed] == ["beta", "alpha"]
+        folder = make_adapter(tiny_backbone, "alpha", seed=42).save(tmp_path / "new")
+        assert client.upload("alpha", folder).version == 2
+        assert client.classify("alpha", "good").version == 2
+        assert client.rollback("alpha").version == 1
+        client.delete("beta")
+        with pytest.raises(TaskNotFoundError):
+            client.classify("beta", "good")
+        assert client.ready() and client.healthz()
+
+
+def test_concurrent_clients_over_real_http(server):
+    async def run():
+        async with AsyncLptClient(server.url) as client:
+            calls = [client.classify(task, [f"good film {i}", "bad"]) for i in range(40) for task in ("alpha", "beta")]
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(run())
+    assert len(results) == 80 and all(len(r.predictions) == 2 for r in results)
+
+
+def test_lpt_cli_talks_to_the_server(server, tiny_backbone, tmp_path):
+    env = os.environ | {"LPT_URL": server.url, "LPT_ADMIN_TOKEN": TOKEN}
+
+    def lpt(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    done = lpt("classify", "alpha", "good film", "bad")
+    assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 2
+    assert "alpha" in lpt("tasks").stdout
+    folder = make_adapter(tiny_backbone, "alpha", seed=3).save(tmp_path / "u")
+    assert json.loads(lpt("upload", "gamma", str(folder)).stdout) == {"task": "gamma", "version": 1}
+    missing = lpt("classify", "nope", "x")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope" in missing.stderr
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(tiny_folder, store_root):
+    # A long batching window keeps the request queued inside the server when SIGTERM arrives.
+    srv = Server(tiny_folder, store_root, max_wait_ms=1500)
+    result: dict = {}
+
+    def client():
+        result["response"] = httpx.post(f"{srv.url}/classify/alpha", json={"texts": ["good film"] * 8}, timeout=30)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(0.5)
+    srv.stop(signal.SIGTERM)
+    thread.join(timeout=30)
+    assert result["response"].status_code == 200
+    assert len(result["response"].json()["predictions"]) == 8
+    assert srv.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/healthz")
+
+
+def test_crash_mid_upload_keeps_the_last_good_version(tiny_folder, tiny_backbone, store_root, tmp_path):
+    marker = tmp_path / "blocked"
+    crashing = Server(tiny_folder, store_root, script=CRASHING_SERVER, script_args=[str(marker)])
+    folder = make_adapter(tiny_backbone, "alpha", seed=9).save(tmp_path / "new")
+    before = httpx.post(crashing.url + "/classify/alpha", json={"text": "good"}).json()
+
+    def upload():
+        with contextlib.suppress(Exception):  # the server dies under it: that is the point
+            LptClient(crashing.url, admin_token=TOKEN, max_retries=0).upload("alpha", folder)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the upload never reached the weights write"
+    crashing.stop(signal.SIGKILL)
+    uploader.join(timeout=30)
+    staged = list((store_root / ".tmp").iterdir())
+    assert staged, "the kill should have left a half-written staging entry behind"
+
+    restarted = Server(tiny_folder, store_root)
+    try:
+        with LptClient(restarted.url, admin_token=TOKEN) as client:
+            assert client.task("alpha").version == 1
+            after = client.classify("alpha", "good")
+            assert after.model_dump()["predictions"][0]["scores"] == before["predictions"][0]["scores"]
+            assert not any((store_root / ".tmp").iterdir())
+            assert sorted(p.name for p in (store_root / "alpha").iterdir()) == ["state.json", "v1"]
+            assert client.upload("alpha", folder).version == 2  # and the store takes uploads again
+    finally:
+        restarted.stop()
+
+
+def test_bad_settings_fail_with_a_sentence(tiny_folder, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "server.main", "--max-batch-size", "0", "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--max-batch-size" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "server.main", "--backbone", str(tmp_path / "none"), "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "not a model folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_help_explains_itself():
+    done = subprocess.run([sys.executable, "-m", "server.main", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--host", "--port", "--store", "--max-batch-size", "--max-wait-ms", "--admin-token", "LPT_"):
+        assert flag in done.stdout
