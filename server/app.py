@@ -235,8 +235,8 @@ class Service:
         groups: dict[tuple[str | None, int | None], list[int]] = {}
         for i, (served, _) in enumerate(pairs):
             cfg = served.adapter.config
-            limit = min(x for x in (cfg.max_length, self.settings.max_length) if x) if (
-                cfg.max_length or self.settings.max_length) else None
+            limits = [x for x in (cfg.max_length, self.settings.max_length) if x is not None]
+            limit = min(limits) if limits else None
             groups.setdefault((cfg.template, limit), []).append(i)
         encoded: list[Encoded | None] = [None] * len(pairs)
         for (template, limit), idx in groups.items():

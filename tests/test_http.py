@@ -230,3 +230,20 @@ def test_serve_help_explains_itself():
     assert done.returncode == 0
     for flag in ("--host", "--port", "--store", "--max-batch-size", "--max-wait-ms", "--admin-token", "LPT_"):
         assert flag in done.stdout
+
+
+def test_rows_of_a_client_that_hung_up_are_dropped(tiny_folder, store_root):
+    srv = Server(tiny_folder, store_root, max_wait_ms=1000)
+    try:
+        body = json.dumps({"texts": ["good film", "bad", "it was"]}).encode()
+        request = (f"POST /classify/alpha HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(request)
+            time.sleep(0.3)  # the rows are queued, waiting for the batch window
+        time.sleep(1.5)
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'lpt_rows_dropped_total{reason="cancelled"} 3.0' in metrics
+        assert httpx.post(srv.url + "/classify/alpha", json={"text": "good"}, timeout=10).status_code == 200
+    finally:
+        srv.stop()
