@@ -19,12 +19,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar
+from typing import Any, Generic, Self, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import httpx
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from clients.models import (
+    ClassifyResult,
+    MixedPrediction,
+    MixedResponse,
+    Prediction,
+    TaskInfo,
+    TaskList,
+    UploadResult,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -65,55 +75,6 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------------- results
 
-
-class Prediction(BaseModel):
-    label: str
-    score: float
-    scores: dict[str, float]
-    truncated: bool
-
-
-class ClassifyResult(BaseModel):
-    task: str
-    version: int
-    predictions: list[Prediction]
-
-
-class MixedPrediction(Prediction):
-    """One prediction from `POST /classify`; carries the task and adapter version that produced it."""
-
-    task: str
-    version: int
-
-
-class TaskInfo(BaseModel):
-    # Newer servers may report more fields; keep them (see `model_extra`) rather than fail or drop them.
-    model_config = ConfigDict(extra="allow")
-
-    task: str
-    version: int
-    versions: list[int]
-    labels: list[str]
-    generator: str
-    prompt_layer: int
-    prompt_length: int
-    head: str
-    parameters: int
-    location: Literal["gpu", "cpu", "disk"]
-    pinned: bool
-
-
-class UploadResult(BaseModel):
-    task: str
-    version: int
-
-
-class _TaskList(BaseModel):
-    tasks: list[TaskInfo]
-
-
-class _MixedResponse(BaseModel):
-    predictions: list[MixedPrediction]
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -449,13 +410,13 @@ def _parse_classify(response: httpx.Response, expected: int) -> ClassifyResult:
 
 
 def _parse_classify_many(response: httpx.Response, expected: int) -> list[MixedPrediction]:
-    predictions: list[MixedPrediction] = _parse_model(response, _MixedResponse).predictions
+    predictions: list[MixedPrediction] = _parse_model(response, MixedResponse).predictions
     _check_count(response, len(predictions), expected)
     return predictions
 
 
 def _parse_tasks(response: httpx.Response) -> list[TaskInfo]:
-    tasks: list[TaskInfo] = _parse_model(response, _TaskList).tasks
+    tasks: list[TaskInfo] = _parse_model(response, TaskList).tasks
     return tasks
 
 

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_store.store import AdapterStore
+from clients.models import ClassifyResult, ErrorResponse, MixedResponse, TaskInfo, TaskList, UploadResult
 from server.backbone import Backbone
 from server.batcher import Batcher
 from server.config import Settings
@@ -67,61 +68,6 @@ class MixedBody(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"items": [{"task": "mr", "text": "a gripping film"}, {"task": "bbc", "text": "Shares fell"}]}]})
     items: list[Item] = Field(min_length=1)
-
-
-class Prediction(BaseModel):
-    label: str
-    score: float
-    scores: dict[str, float]
-    truncated: bool = Field(description="the text was longer than the backbone takes and was cut")
-
-
-class ClassifyResponse(BaseModel):
-    task: str
-    version: int
-    predictions: list[Prediction]
-
-
-class MixedPrediction(Prediction):
-    task: str
-    version: int
-
-
-class MixedResponse(BaseModel):
-    predictions: list[MixedPrediction]
-
-
-class TaskInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    task: str
-    version: int
-    versions: list[int]
-    labels: list[str]
-    generator: str
-    prompt_layer: int
-    prompt_length: int
-    head: str
-    parameters: int
-    location: str
-    pinned: bool
-
-
-class TaskList(BaseModel):
-    tasks: list[TaskInfo]
-
-
-class VersionResponse(BaseModel):
-    task: str
-    version: int
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 429, 503, 504)}
@@ -305,7 +251,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
 
     Admin = Depends(require_admin)
 
-    @app.post("/classify/{task}", response_model=ClassifyResponse, responses=ERRORS, tags=["classify"])
+    @app.post("/classify/{task}", response_model=ClassifyResult, responses=ERRORS, tags=["classify"])
     async def classify_task(task: str, body: ClassifyBody, request: Request) -> dict:
         """Classify one text (`text`) or several (`texts`) with one task; predictions come in input order.
 
@@ -344,7 +290,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     async def get_task(task: str) -> dict:
         return service.registry.info(service.registry.get(task))
 
-    @app.put("/admin/tasks/{task}", status_code=201, response_model=VersionResponse, responses=ADMIN_ERRORS,
+    @app.put("/admin/tasks/{task}", status_code=201, response_model=UploadResult, responses=ADMIN_ERRORS,
              dependencies=[Admin], tags=["admin"])
     async def upload_task(task: str, request: Request,
                           config: Annotated[UploadFile, File(description="adapter_config.json")],
@@ -368,7 +314,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         service.metrics.tasks_served.set(len(service.registry.names()))
         return Response(status_code=204)
 
-    @app.post("/admin/tasks/{task}/rollback", response_model=VersionResponse, responses=ADMIN_ERRORS,
+    @app.post("/admin/tasks/{task}/rollback", response_model=UploadResult, responses=ADMIN_ERRORS,
               dependencies=[Admin], tags=["admin"])
     async def rollback_task(task: str) -> dict:
         """Serve the previous version again."""
