@@ -261,14 +261,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-wait", action="store_true", help="do not wait for `lpt train` processes to finish")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: mr only, 64 rows per split, max_length 64, 1 full-FT epoch, 2 L2 values")
+                   help="smoke run: mr only, 32 rows per split, max_length 32, 1 full-FT epoch, 2 L2 values")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/baselines[-quick].json)")
     args = p.parse_args(argv)
     if args.quick:
         if args.datasets == p.get_default("datasets"):
             args.datasets = "mr"
-        args.limit = args.limit or 64
-        args.max_length = min(args.max_length, 64)
+        args.limit = args.limit or 32
+        args.max_length = min(args.max_length, 32)
         args.full_epochs = 1
         args.probe_l2 = "0.0,0.01"
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -317,12 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         secs = " / ".join(fmt(x, 0) if x is not None else "n/a" for x in (
             probe["seconds"] if probe else None, lpt["seconds"] if lpt else None, full["seconds"] if full else None))
-        full_note = f" (ep {full['best_epoch']}/{len(full['epochs'])}, len {full['settings']['max_length']})" if full else ""
+        full_note = (f" (ep {full['best_epoch']}/{len(full['epochs'])}, len {full['settings']['max_length']})"
+                     if full else "")
         lpt_note = f" (ep {lpt['best_epoch']}/{lpt['epochs']})" if lpt else ""
         rows.append([name, f"{e['sizes']['test']}", pair(probe), pair(lpt) + lpt_note, pair(full) + full_note, secs])
     table = markdown_table(
-        ["dataset", "test n", "probe acc / F1", "LPT acc / F1 (demo adapter)", "full FT acc / F1", "seconds probe / LPT / full"],
-        rows)
+        ["dataset", "test n", "probe acc / F1", "LPT acc / F1 (demo adapter)", "full FT acc / F1",
+         "seconds probe / LPT / full"], rows)
     notes = ("Test split, seed 0. Probe: mean-pooled frozen MiniLM + logistic regression (L2 on dev). LPT: the demo "
              "adapter's recorded numbers (its seconds come from its own training run). Full FT: best dev epoch.")
     print(header("Baselines: frozen probe vs LPT vs full fine-tuning", machine, notes))
