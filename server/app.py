@@ -140,6 +140,20 @@ class Service:
                 raise TooLarge(f"text {i} has {len(text)} characters; at most {s.max_text_chars} (LPT_MAX_TEXT_CHARS)")
 
     async def classify(self, request: Request, pairs: list[tuple[ServedTask, str]]) -> list[dict]:
+        """Classify (task, text) pairs, counting each task's request and its outcome in the metrics."""
+        tasks = {served.task for served, _ in pairs}
+        try:
+            out = await self._classify(request, pairs)
+        except ApiError as exc:
+            for task in tasks:
+                self.metrics.requests.labels(task, str(exc.status)).inc()
+                self.metrics.errors.labels(task, exc.type).inc()
+            raise
+        for task in tasks:
+            self.metrics.requests.labels(task, "200").inc()
+        return out
+
+    async def _classify(self, request: Request, pairs: list[tuple[ServedTask, str]]) -> list[dict]:
         """Tokenize per task, queue every row, wait for all of them (or the deadline, or the client leaving)."""
         if not self.ready or self.batcher is None:
             raise Unavailable("the server is starting; retry shortly", retry_after=1)
@@ -260,13 +274,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         served = service.registry.get(task)
         texts = body.all_texts()
         service.check_texts(texts)
-        try:
-            preds = await service.classify(request, [(served, t) for t in texts])
-        except ApiError as exc:
-            service.metrics.requests.labels(task, str(exc.status)).inc()
-            service.metrics.errors.labels(task, exc.type).inc()
-            raise
-        service.metrics.requests.labels(task, "200").inc()
+        preds = await service.classify(request, [(served, t) for t in texts])
         return {"task": served.task, "version": served.version,
                 "predictions": [{k: p[k] for k in ("label", "score", "scores", "truncated")} for p in preds]}
 
@@ -276,10 +284,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         share the layers below the prompt layer."""
         pairs = [(service.registry.get(item.task), item.text) for item in body.items]
         service.check_texts([t for _, t in pairs])
-        preds = await service.classify(request, pairs)
-        for task in {p[0].task for p in pairs}:
-            service.metrics.requests.labels(task, "200").inc()
-        return {"predictions": preds}
+        return {"predictions": await service.classify(request, pairs)}
 
     @app.get("/tasks", response_model=TaskList, tags=["tasks"])
     async def list_tasks() -> dict:
