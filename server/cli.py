@@ -272,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import httpx
 
+    from clients import LptConnectionError
+
     try:
         return args.func(args)
+    except LptConnectionError as exc:
+        print(f"lpt {args.command}: cannot reach the server at {args.url} ({exc.message}); is lpt-serve running? "
+              "Set --url or LPT_URL", file=sys.stderr)
+        return EXIT_USAGE
     except _known_errors() as exc:
         print(f"lpt {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

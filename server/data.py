@@ -474,7 +474,8 @@ def read_examples(path: Path) -> list[Example]:
     header that has ``text`` and ``label`` columns; raise :class:`DataError` naming the problem and the line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; check the path or run materialize() to create it.")
+        raise DataError(f"data file {path} does not exist; check the path, or use a dataset name (mr, bbc, tweets), "
+                        "which `lpt data NAME` materialises.")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise DataError(f"data file {path} has unknown extension {path.suffix or '(none)'!r}; use .jsonl or .csv.")
