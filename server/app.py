@@ -20,6 +20,7 @@ from clients.models import ClassifyResult, ErrorResponse, MixedResponse, TaskInf
 from server.backbone import Backbone
 from server.batcher import Batcher
 from server.config import Settings
+from server.dashboard import install_dashboard
 from server.engine import Encoded, classify_rows, encode_texts
 from server.errors import (
     ApiError,
@@ -144,10 +145,12 @@ class Service:
         tasks = {served.task for served, _ in pairs}
         try:
             out = await self._classify(request, pairs)
-        except ApiError as exc:
+        except Exception as exc:
+            # ApiErrors carry their status; anything else becomes the 500 the error handler answers.
+            status, kind = (exc.status, exc.type) if isinstance(exc, ApiError) else (500, "internal_error")
             for task in tasks:
-                self.metrics.requests.labels(task, str(exc.status)).inc()
-                self.metrics.errors.labels(task, exc.type).inc()
+                self.metrics.requests.labels(task, str(status)).inc()
+                self.metrics.errors.labels(task, kind).inc()
             raise
         for task in tasks:
             self.metrics.requests.labels(task, "200").inc()
@@ -241,6 +244,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     )
     app.state.service = service
     install_handlers(app)
+    install_dashboard(app, service)
 
     @app.middleware("http")
     async def refuse_large_uploads(request: Request, call_next):

@@ -1,6 +1,6 @@
 """Prometheus metrics, one `lpt_` prefix, per-task labels; one registry per app so tests stay independent.
 
-The dashboard (a later step) reads this same registry, as `/metrics` does: one source of truth.
+The ops page (`server/dashboard.py`) reads this same registry, as `/metrics` does: one source of truth.
 """
 
 from __future__ import annotations

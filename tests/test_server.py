@@ -363,6 +363,8 @@ async def test_failed_pass_is_500_without_trace_and_server_keeps_serving(tiny_ba
             r = await client.post("/classify/alpha", json={"text": "good"})
             assert r.status_code == 500 and "secret" not in r.text
             assert r.json()["error"]["type"] == "internal_error"
+            metrics = (await client.get("/metrics")).text
+            assert 'lpt_errors_total{task="alpha",type="internal_error"} 1.0' in metrics
             service.batcher.run_batch = original
             assert (await client.post("/classify/alpha", json={"text": "good"})).status_code == 200
 
