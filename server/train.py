@@ -46,7 +46,7 @@ class TrainSettings:
     pooling: str = "mean"
     template: str | None = None
     label_words: list[str] | None = None
-    epochs: int = 8
+    epochs: int = 12
     lr: float | None = None  # None: per method (lpt 3e-3, prompt 3e-2, full 3e-5)
     weight_decay: float = 0.01
     warmup: float = 0.06
@@ -57,7 +57,7 @@ class TrainSettings:
     eval_batch_size: int = 64
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else {"lpt": 1e-3, "prompt": 3e-2, "full": 3e-5}[self.method]
+        return self.lr if self.lr is not None else {"lpt": 2e-3, "prompt": 3e-2, "full": 3e-5}[self.method]
 
 
 @dataclass
