@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 
 from bench.common import (  # noqa: E402
     REPO_ROOT,
+    CpuMonitor,
     fmt,
     header,
     machine_info,
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_transformers()
     set_threads(args.threads)
     wait = {"skipped": True} if args.no_wait else wait_until_quiet()
+    monitor = CpuMonitor()
     from server.backbone import Backbone
 
     started = time.perf_counter()
@@ -290,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     frozen = Backbone.load() if not args.skip_probe else None
     results: dict[str, Any] = {}
     for name in args.datasets:
-        t0 = time.perf_counter()
+        t0, monitor = time.perf_counter(), CpuMonitor()
         splits = load_splits(name, args.limit)
         entry: dict[str, Any] = {"sizes": {k: len(v) for k, v in splits.items()}}
         if frozen is not None:
@@ -305,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if entry["lpt_demo"] and entry["lpt_demo"].get("test_size") not in (None, len(splits["test"])):
             entry["lpt_demo"]["warning"] = "the demo adapter was scored on a test split of another size"
         entry["seconds"] = round(time.perf_counter() - t0, 1)
+        entry["cpu_contention"] = monitor.stop()
         results[name] = entry
         print(f"[{name}] done in {entry['seconds']:.0f}s", file=sys.stderr, flush=True)
 
@@ -326,11 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
          "seconds probe / LPT / full"], rows)
     notes = ("Test split, seed 0. Probe: mean-pooled frozen MiniLM + logistic regression (L2 on dev). LPT: the demo "
              "adapter's recorded numbers (its seconds come from its own training run). Full FT: best dev epoch.")
-    print(header("Baselines: frozen probe vs LPT vs full fine-tuning", machine, notes))
+    cpu = monitor.stop()
+    print(header("Baselines: frozen probe vs LPT vs full fine-tuning", machine, notes, cpu))
     print()
     print(table)
     payload = {
-        "benchmark": NAME, "date": now_iso(), "machine": machine, "wait": wait, "quick": args.quick,
+        "benchmark": NAME, "date": now_iso(), "machine": machine, "quick": args.quick,
+        "wait": wait, "cpu_contention": cpu,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"full_epochs_per_dataset": full_epochs, "full_max_length_per_dataset": full_max_length},
         "results": results, "table": table, "total_seconds": round(time.perf_counter() - started, 1),

@@ -79,20 +79,78 @@ def busy_processes(pattern: str = BUSY_PATTERN) -> list[str]:
     return [line for line in out.splitlines() if line and int(line.split()[0]) not in mine]
 
 
-def wait_until_quiet(timeout_s: float = 25 * 60, poll_s: float = 30.0, pattern: str = BUSY_PATTERN) -> dict[str, Any]:
-    """Block while another process matching `pattern` runs (polling); return what was waited for, for the JSON."""
+def wait_until_quiet(timeout_s: float = 25 * 60, poll_s: float = 30.0, settle_s: float = 10.0,
+                     pattern: str = BUSY_PATTERN) -> dict[str, Any]:
+    """Block while another process matching `pattern` runs (polling); return what was waited for, for the JSON.
+
+    Quiet must hold for `settle_s` (checked every 2 s), so the gap between two back-to-back training runs of a
+    script does not count as quiet.
+    """
     started = time.monotonic()
     first = busy_processes(pattern)
     busy = first
-    while busy and time.monotonic() - started < timeout_s:
-        print(f"[bench] waiting for {len(busy)} process(es) matching {pattern!r} to finish "
-              f"({time.monotonic() - started:.0f}s so far)", file=sys.stderr, flush=True)
-        time.sleep(poll_s)
-        busy = busy_processes(pattern)
+    while time.monotonic() - started < timeout_s:
+        if busy:
+            print(f"[bench] waiting for {len(busy)} process(es) matching {pattern!r} to finish "
+                  f"({time.monotonic() - started:.0f}s so far)", file=sys.stderr, flush=True)
+            time.sleep(poll_s)
+            busy = busy_processes(pattern)
+            continue
+        settle_end = time.monotonic() + settle_s
+        while not busy and time.monotonic() < settle_end:
+            time.sleep(2.0)
+            busy = busy_processes(pattern)
+        if not busy:
+            break
     if busy:
         print(f"[bench] WARNING: still busy after {timeout_s:.0f}s; numbers are taken under contention",
               file=sys.stderr, flush=True)
     return {"waited_s": round(time.monotonic() - started, 1), "busy_at_start": first, "busy_at_measure": busy}
+
+
+def _machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine since boot, from the first line of /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have been waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class CpuMonitor:
+    """How much CPU *other* processes used while a benchmark ran: the check that the numbers are uncontended.
+
+    other = machine busy CPU-seconds - this process's and its (reaped) children's, per wall second. Hypervisor
+    steal (another VM on the host) is reported apart. Stop it after every child process has been waited for.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0, self._steal0 = _machine_cpu_seconds()
+        self._own0 = _own_cpu_seconds()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self._t0
+        busy, steal = _machine_cpu_seconds()
+        own = _own_cpu_seconds() - self._own0
+        busy -= self._busy0
+        return {
+            "wall_s": round(wall, 1),
+            "own_cores": round(own / wall, 3) if wall else 0.0,
+            "other_cores": round(max(0.0, busy - own) / wall, 3) if wall else 0.0,
+            "steal_cores": round((steal - self._steal0) / wall, 3) if wall else 0.0,
+        }
+
+
+def contention_line(cpu: dict[str, float]) -> str:
+    verdict = "quiet" if cpu["other_cores"] < 0.1 and cpu["steal_cores"] < 0.1 else "CONTENDED: treat times with care"
+    return (f"CPU during the run: this benchmark {cpu['own_cores']:.2f} cores, other processes "
+            f"{cpu['other_cores']:.2f} cores, hypervisor steal {cpu['steal_cores']:.2f} cores ({verdict}).")
 
 
 # -------------------------------------------------------------------------------------------------- memory
@@ -168,10 +226,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def header(title: str, machine: dict[str, Any], extra: str = "") -> str:
+def header(title: str, machine: dict[str, Any], extra: str = "", cpu: dict[str, float] | None = None) -> str:
     line = (f"## {title}\n\n{machine['cpu_count']} CPU(s) ({machine['cpu_model'] or 'unknown'}), "
             f"torch {machine['torch']} with {machine['torch_threads']} thread(s), {now_iso()}")
-    return line + (f"\n{extra}" if extra else "")
+    for more in (extra, contention_line(cpu) if cpu else ""):
+        if more:
+            line += f"\n{more}"
+    return line
 
 
 def quiet_transformers() -> None:
