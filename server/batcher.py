@@ -1,7 +1,7 @@
 """Micro-batcher: packs rows of many tasks into one forward pass, run off the event loop.
 
 A batch starts with the oldest waiting row and fills until `max_batch_size` rows, `max_batch_tokens` padded
-tokens, or `max_wait_ms` after that row arrived (or after the previous pass ended, if that is later). Rows closest in length to the oldest one join first, which
+tokens, or `max_wait_ms` after that row arrived. Rows closest in length to the oldest one join first, which
 limits padding while the oldest row is always served next (no starvation). Rows whose client has gone or
 whose deadline passed are dropped before the pass. One inference thread runs the passes; while it works,
 the next batch gathers. On shutdown the queue drains before the loop ends.
@@ -71,7 +71,6 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._rows_per_second = 0.0
-        self._last_pass_end = 0.0
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -156,10 +155,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            # Rows that queued during the previous pass have waited already, but the clients that pass just
-            # answered are about to send again: give them the same window, or a saturated server ping-pongs
-            # between two half-full batches.
-            fill_until = max(self._queue[0].enqueued, self._last_pass_end) + self.max_wait
+            fill_until = self._queue[0].enqueued + self.max_wait
             while not self._full() and not self._stopping:
                 remaining = fill_until - time.monotonic()
                 if remaining <= 0:
@@ -183,8 +179,7 @@ class Batcher:
                     if not row.future.done():
                         row.future.set_exception(exc)
                 continue
-            self._last_pass_end = time.monotonic()
-            elapsed = self._last_pass_end - started
+            elapsed = time.monotonic() - started
             self._record(batch, elapsed, started)
             for row, p in zip(batch, probs, strict=True):
                 if not row.future.done():
