@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,3 +48,19 @@ async def serving(app):
         ) as client,
     ):
         yield client
+
+
+def wait_ready(url: str, alive: Callable[[], str | None], timeout: float = 60.0) -> None:
+    """Poll `/readyz` until 200; `alive()` returns why the server is gone (then we stop waiting), or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gone = alive()
+        if gone is not None:
+            raise RuntimeError(gone)
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout:.0f}s")

@@ -6,7 +6,6 @@ import math
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from server.app import create_app
 from server.config import Settings
 from server.dashboard import Dashboard, histogram_quantile
 from server.metrics import LATENCY_BUCKETS
-from tests.helpers import make_adapter, serving
+from tests.helpers import make_adapter, serving, wait_ready
 
 CHROMIUM = os.environ.get("LPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -239,17 +238,7 @@ class ThreadedServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn stopped while starting")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("server not ready")
+        wait_ready(self.url, lambda: None if self.thread.is_alive() else "uvicorn stopped while starting")
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -19,7 +19,7 @@ import pytest
 
 from adapters_store.store import AdapterStore
 from clients import AsyncLptClient, LptClient, TaskNotFoundError
-from tests.helpers import make_adapter
+from tests.helpers import make_adapter, wait_ready
 
 TOKEN = "http-admin-token"
 
@@ -73,17 +73,8 @@ class Server:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready")
+        wait_ready(self.url, lambda: None if self.proc.poll() is None else f"server exited: {self.proc.stderr.read()}",
+                   timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         self.proc.send_signal(sig)
