@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -361,10 +361,6 @@ def evaluate(backbone: Backbone, adapter: TaskAdapter, examples: Sequence[tuple[
         preds += [int(p.argmax()) for p in probs]
     index = {label: i for i, label in enumerate(adapter.labels)}
     return classification_metrics([index[y] for _, y in examples], preds, len(adapter.labels))
-
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)
 
 
 def save_full_model(result: TrainResult, out: Path) -> None:
