@@ -1,47 +1,4 @@
 """Python clients and a load generator for the lpt-serve HTTP API."""
 
-from clients.client import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    AsyncLptClient,
-    AuthError,
-    BadAdapterError,
-    ClassifyResult,
-    LptClient,
-    LptConnectionError,
-    LptError,
-    MixedPrediction,
-    OverloadedError,
-    PayloadTooLargeError,
-    Prediction,
-    ServerError,
-    ServerTimeoutError,
-    TaskInfo,
-    TaskNotFoundError,
-    UnexpectedResponseError,
-    UploadResult,
-    ValidationError,
-)
-
-__all__ = [
-    "ADAPTER_CONFIG_FILE",
-    "ADAPTER_WEIGHTS_FILE",
-    "AsyncLptClient",
-    "AuthError",
-    "BadAdapterError",
-    "ClassifyResult",
-    "LptClient",
-    "LptConnectionError",
-    "LptError",
-    "MixedPrediction",
-    "OverloadedError",
-    "PayloadTooLargeError",
-    "Prediction",
-    "ServerError",
-    "ServerTimeoutError",
-    "TaskInfo",
-    "TaskNotFoundError",
-    "UnexpectedResponseError",
-    "UploadResult",
-    "ValidationError",
-]
+from clients.client import *  # noqa: F403
+from clients.client import __all__ as __all__  # one list of public names, kept in clients/client.py
