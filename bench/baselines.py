@@ -1,6 +1,6 @@
 """Accuracy references next to LPT, on each dataset's fixed-seed test split (the split the demo adapters report).
 
-For every dataset (default mr, bbc, tweets; splits from `server.data.materialize`, seed 0):
+For every dataset (default mr, bbc, tweets; splits from `lpt_serve.training.data.materialize`, seed 0):
 
 * frozen linear probe: mean-pooled last-layer MiniLM embeddings (mean over real tokens of `Backbone.forward`,
   same tokenization and max_length as the LPT adapters), standardised with the train split's mean/std, then a
@@ -15,8 +15,8 @@ For every dataset (default mr, bbc, tweets; splits from `server.data.materialize
 Wall time is recorded per method and dataset: probe = embedding every split + fitting every L2; full FT =
 training (all epochs, dev eval included) + test eval.
 
-    python bench/baselines.py                 # ~20-25 min on 2 CPU cores
-    python bench/baselines.py --quick         # smoke run on tiny subsets, seconds
+    python -m bench.baselines                 # ~20-25 min on 2 CPU cores
+    python -m bench.baselines --quick         # smoke run on tiny subsets, seconds
 """
 
 from __future__ import annotations
@@ -29,13 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from lpt_serve.model.backbone import quiet_transformers
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     REPO_ROOT,
     CpuMonitor,
     fmt,
@@ -43,7 +41,6 @@ from bench.common import (  # noqa: E402
     machine_info,
     markdown_table,
     now_iso,
-    quiet_transformers,
     result_path,
     set_threads,
     wait_until_quiet,
@@ -56,7 +53,7 @@ DEFAULT_L2 = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 
 # ----------------------------------------------------------------------------------------------------- data
 def load_splits(name: str, limit: int | None) -> dict[str, list[tuple[str, str]]]:
-    from server.data import materialize, read_examples
+    from lpt_serve.training.data import materialize, read_examples
 
     paths = materialize(name)
     splits = {split: read_examples(path) for split, path in paths.items()}
@@ -74,7 +71,7 @@ def _length_order(encoded: Sequence) -> list[int]:
 @torch.inference_mode()
 def embed(backbone, texts: Sequence[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
     """Mean over real tokens of the last layer, [N, H] float32 (rows batched by length to limit padding)."""
-    from server.engine import encode_texts, pad_rows
+    from lpt_serve.model.engine import encode_texts, pad_rows
 
     encoded = encode_texts(backbone, list(texts), None, max_length)
     out = torch.empty(len(encoded), backbone.hidden_size)
@@ -109,7 +106,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float, max
 
 
 def run_probe(backbone, splits: dict, max_length: int, l2_values: Sequence[float]) -> dict[str, Any]:
-    from server.train import classification_metrics
+    from lpt_serve.training.trainer import classification_metrics
 
     t0 = time.perf_counter()
     labels = sorted({y for _, y in splits["train"]})
@@ -149,7 +146,7 @@ def run_probe(backbone, splits: dict, max_length: int, l2_values: Sequence[float
 @torch.inference_mode()
 def predict_full(model: nn.Module, backbone, texts: Sequence[str], max_length: int, batch_size: int = 64) -> list[int]:
     """Predictions of a `_FullModel` (ids, mask -> logits), in input order; same tokenization as the trainer."""
-    from server.engine import encode_texts, pad_rows
+    from lpt_serve.model.engine import encode_texts, pad_rows
 
     model.eval()
     encoded = encode_texts(backbone, list(texts), None, max_length)
@@ -167,8 +164,8 @@ def predict_full(model: nn.Module, backbone, texts: Sequence[str], max_length: i
 
 def run_full(name: str, splits: dict, epochs: int, lr: float, batch_size: int, max_length: int,
              seed: int) -> dict[str, Any]:
-    from server.backbone import Backbone
-    from server.train import Trainer, TrainSettings, classification_metrics
+    from lpt_serve.model.backbone import Backbone
+    from lpt_serve.training.trainer import Trainer, TrainSettings, classification_metrics
 
     backbone = Backbone.load()  # fresh: full fine-tuning changes the weights
     settings = TrainSettings(method="full", epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
@@ -242,7 +239,7 @@ def _per_dataset(spec: str, default: int, datasets: Sequence[str]) -> dict[str, 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/baselines.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--datasets", default="mr,bbc,tweets", help="comma-separated dataset names")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text for probe and full FT (LPT demo: 256)")
@@ -283,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     wait = {"skipped": True} if args.no_wait else wait_until_quiet()
     monitor = CpuMonitor()
-    from server.backbone import Backbone
+    from lpt_serve.model.backbone import Backbone
 
     started = time.perf_counter()
     machine = machine_info()

@@ -234,12 +234,3 @@ def header(title: str, machine: dict[str, Any], extra: str = "", cpu: dict[str, 
             line += f"\n{more}"
     return line
 
-
-def quiet_transformers() -> None:
-    import logging
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)

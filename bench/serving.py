@@ -6,7 +6,7 @@ random weights: throughput does not depend on what the weights learned. `--adapt
 adapter under every name instead. Texts: the MR test split (400 short movie-review sentences), one text per
 request, picked at random.
 
-The server is the real thing: `server.main.main` (the `lpt-serve` entry point: `Backbone.load`, `create_app`,
+The server is the real thing: `lpt_serve.api.main.main` (the `lpt-serve` entry point: `Backbone.load`, `create_app`,
 uvicorn) in a subprocess, on a free local port, log level warning (no access log), with the settings below.
 A subprocess and not a thread, so that the load generator (asyncio + httpx, in this process) and the server do
 not share one GIL; they still share the CPU cores, which on a 2-core box is the largest cost (see the CPU
@@ -18,7 +18,7 @@ columns: CPU seconds each process used per second of wall time).
   smaller than 32 (while one pass runs, the clients it answered send the next rows, which form the next batch),
   so after (b) and (c), (a*) and (a1*) repeat (a) and (a1) at the mean batch size the server actually formed
   (read from its /metrics): the like-for-like reference for (b)/(a*).
-* (b) HTTP at saturation: `clients.loadgen.run_load`, closed loop, 32 concurrent clients, each request one text
+* (b) HTTP at saturation: `lpt_client.loadgen.run_load`, closed loop, 32 concurrent clients, each request one text
   for a task drawn uniformly from the 16. (c) the same with every request naming one task.
 * (d) latency under load: an open-loop Poisson arrival process at `--latency-load` (0.5) x the rate measured in
   (b), tasks uniform over the 16. Open loop because a closed loop slows its own arrivals down when the server
@@ -28,8 +28,8 @@ columns: CPU seconds each process used per second of wall time).
 Server-side figures (mean rows per forward pass, the fraction of wall time the inference thread spent in
 forward passes) come from the server's own /metrics, read before and after each run.
 
-    python bench/serving.py            # ~2.5 min
-    python bench/serving.py --quick    # smoke run, ~30 s
+    python -m bench.serving            # ~2.5 min
+    python -m bench.serving --quick    # smoke run, ~30 s
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lpt_serve.model.backbone import quiet_transformers
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     CpuMonitor,
     fmt,
     header,
@@ -57,7 +56,6 @@ from bench.common import (  # noqa: E402
     markdown_table,
     now_iso,
     proc_cpu_seconds,
-    quiet_transformers,
     ratio,
     result_path,
     set_threads,
@@ -74,9 +72,8 @@ TARGET_MIXED_VS_SINGLE = 0.95
 def make_adapters(backbone, store_root: Path, n_tasks: int, adapter_dir: Path | None, seed: int) -> list[str]:
     """Commit `n_tasks` adapters (t00, t01, ...) into a fresh store; random weights unless `adapter_dir` is given."""
     import torch
-
-    from adapters_store.store import AdapterStore
-    from server.adapter import AdapterConfig, TaskAdapter
+    from lpt_serve.model.adapter import AdapterConfig, TaskAdapter
+    from lpt_serve.serving.store import AdapterStore
 
     store = AdapterStore(store_root)
     names = [f"t{i:02d}" for i in range(n_tasks)]
@@ -97,8 +94,8 @@ def make_adapters(backbone, store_root: Path, n_tasks: int, adapter_dir: Path | 
 
 def load_served(backbone, store_root: Path, names: Sequence[str]) -> dict[str, Any]:
     """The adapters as the server's registry prepares them (loaded from the store, backbone dtype, eval)."""
-    from adapters_store.store import AdapterStore
-    from server.adapter import load_adapter
+    from lpt_serve.model.adapter import load_adapter
+    from lpt_serve.serving.store import AdapterStore
 
     store = AdapterStore(store_root)
     return {n: load_adapter(store.get(n).path(), backbone).to(backbone.device, backbone.dtype).eval() for n in names}
@@ -107,7 +104,7 @@ def load_served(backbone, store_root: Path, names: Sequence[str]) -> dict[str, A
 # ------------------------------------------------------------------------------------------- (a) forward
 def forward_throughput(backbone, adapters: dict, tasks: Sequence[str], texts: Sequence[str], batch_rows: int,
                        duration_s: float, seed: int) -> dict[str, Any]:
-    from server.engine import classify_rows, encode_texts
+    from lpt_serve.model.engine import classify_rows, encode_texts
 
     rng = random.Random(seed)
     pool = [(rng.choice(texts), rng.choice(tasks)) for _ in range(batch_rows * 64)]
@@ -144,7 +141,7 @@ def free_port() -> int:
 def serve_worker(argv: Sequence[str], threads: int) -> None:
     """Runs in the server subprocess: pin torch's threads, then the real `lpt-serve` entry point."""
     set_threads(threads)
-    from server.main import main as serve_main
+    from lpt_serve.api.main import main as serve_main
 
     serve_main(list(argv))
 
@@ -244,7 +241,7 @@ def measured(server: Server, run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- (b)-(d)
 def closed_loop(server: Server, tasks: list[str], texts: list[str], concurrency: int, duration_s: float,
                 seed: int) -> dict[str, Any]:
-    from clients.loadgen import run_load
+    from lpt_client.loadgen import run_load
 
     return measured(server, lambda: run_load(server.url, tasks, texts, concurrency, duration_s=duration_s, seed=seed))
 
@@ -252,9 +249,8 @@ def closed_loop(server: Server, tasks: list[str], texts: list[str], concurrency:
 async def _open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration_s: float,
                      seed: int) -> dict[str, Any]:
     import httpx
-
-    from clients.client import AsyncLptClient, LptError
-    from clients.loadgen import percentile
+    from lpt_client.client import AsyncLptClient, LptError
+    from lpt_client.loadgen import percentile
 
     rng = random.Random(seed)
     from_schedule: list[float] = []
@@ -314,7 +310,7 @@ def open_loop(server: Server, tasks: list[str], texts: list[str], rate: float, d
 
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/serving.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", type=int, default=16, help="tasks served (and mixed in (a) and (b))")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients in (b) and (c)")
@@ -348,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     wait = {"skipped": True} if args.no_wait else wait_until_quiet()
     monitor = CpuMonitor()
-    from server.backbone import Backbone
-    from server.data import materialize, read_examples
+    from lpt_serve.model.backbone import Backbone
+    from lpt_serve.training.data import materialize, read_examples
 
     started = time.perf_counter()
     machine = machine_info()

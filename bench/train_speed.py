@@ -33,8 +33,8 @@ epoch costs, so "epoch after the first" = the cached epoch, and the ratio is unc
 Epoch times include the trainer's dev evaluation (400 rows, also cached or not); the train-steps-only times are
 reported too.
 
-    python bench/train_speed.py            # ~5-8 min on 2 CPU cores
-    python bench/train_speed.py --quick    # smoke run, under a minute
+    python -m bench.train_speed            # ~5-8 min on 2 CPU cores
+    python -m bench.train_speed --quick    # smoke run, under a minute
 """
 
 from __future__ import annotations
@@ -51,10 +51,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lpt_serve.model.backbone import quiet_transformers
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     CpuMonitor,
     fmt,
     header,
@@ -62,7 +61,6 @@ from bench.common import (  # noqa: E402
     markdown_table,
     now_iso,
     peak_rss_mb,
-    quiet_transformers,
     ratio,
     result_path,
     rss_mb,
@@ -87,7 +85,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _train_rows(limit: int | None) -> list[tuple[str, str]]:
-    from server.data import materialize, read_examples
+    from lpt_serve.training.data import materialize, read_examples
 
     rows = read_examples(materialize("mr")["train"])
     return rows[:limit] if limit else rows
@@ -102,10 +100,10 @@ def step_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     quiet_transformers()
     set_threads(args.threads)
     rss_start = rss_mb()
-    from server.adapter import TaskAdapter
-    from server.backbone import Backbone
-    from server.engine import encode_texts
-    from server.train import LowerCache, Trainer, TrainSettings, _FullModel, _length_batches
+    from lpt_serve.model.adapter import TaskAdapter
+    from lpt_serve.model.backbone import Backbone
+    from lpt_serve.model.engine import encode_texts
+    from lpt_serve.training.trainer import LowerCache, Trainer, TrainSettings, _FullModel, _length_batches
 
     backbone = Backbone.load()
     rows = _train_rows(None)
@@ -197,7 +195,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- epochs
 def epoch_run(backbone, rows: list, dev: list, prompt_layer: int, cache: bool, args: argparse.Namespace) -> dict:
-    from server.train import Trainer, TrainSettings
+    from lpt_serve.training.trainer import Trainer, TrainSettings
 
     settings = TrainSettings(method="lpt", prompt_layer=prompt_layer, epochs=1, batch_size=args.batch_size,
                              max_length=args.max_length, seed=args.seed, cache_lower=cache)
@@ -219,8 +217,8 @@ def epoch_run(backbone, rows: list, dev: list, prompt_layer: int, cache: bool, a
 
 
 def run_epochs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from server.backbone import Backbone
-    from server.data import materialize, read_examples
+    from lpt_serve.model.backbone import Backbone
+    from lpt_serve.training.data import materialize, read_examples
 
     backbone = Backbone.load()
     rows = _train_rows(args.epoch_limit)
@@ -237,7 +235,7 @@ def run_epochs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/train_speed.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=32)

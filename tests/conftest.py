@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 
 import pytest
-import transformers
+from lpt_serve.model.backbone import Backbone, quiet_transformers
+from lpt_serve.serving.store import AdapterStore
 
-from server.backbone import Backbone
+from tests.helpers import make_adapter
 from tests.tiny import make_tiny_bert
 
-transformers.logging.set_verbosity_error()
-logging.getLogger("transformers").setLevel(logging.ERROR)
+quiet_transformers()
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,12 @@ def tiny_backbone(tiny_folder) -> Backbone:
 @pytest.fixture(scope="session")
 def tiny_mlm_backbone(tiny_mlm_folder) -> Backbone:
     return Backbone.load(tiny_mlm_folder, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def store_root(tiny_backbone, tmp_path) -> Path:
+    """A store with two tasks on the tiny backbone: `alpha` (prompt layer 1) and `beta` (prompt layer 2)."""
+    store = AdapterStore(tmp_path / "store")
+    for i, task in enumerate(["alpha", "beta"]):
+        store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i, prompt_layer=i + 1).save(tmp_path / task))
+    return tmp_path / "store"

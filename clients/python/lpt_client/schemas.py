@@ -1,0 +1,117 @@
+"""The wire contract of lpt-serve, in one place: request and response bodies, the adapter's file names and the
+task-name rule. The server declares its routes with these models and the clients build and parse with them, so
+the two cannot drift apart unnoticed. Pure pydantic: importing this pulls in neither torch nor the server.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ------------------------------------------------------------------------------------------- adapter format
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+TASK_NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
+# Use with `fullmatch`: `match` with `$` would accept a trailing newline ("mr\n").
+TASK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def is_task_name(name: object) -> bool:
+    return isinstance(name, str) and TASK_NAME_PATTERN.fullmatch(name) is not None
+
+
+# -------------------------------------------------------------------------------------------------- requests
+class ClassifyRequest(BaseModel):
+    """Body of `POST /classify/{task}`: exactly one of `text` or `texts`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "a gripping, funny film"}]})
+    text: str | None = None
+    texts: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ClassifyRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' or 'texts'")
+        if self.texts is not None and not self.texts:
+            raise ValueError("'texts' must hold at least one text")
+        return self
+
+    def all_texts(self) -> list[str]:
+        return [self.text] if self.text is not None else list(self.texts or [])
+
+
+class MixedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    text: str
+
+
+class MixedRequest(BaseModel):
+    """Body of `POST /classify`: many tasks in one call."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"items": [{"task": "mr", "text": "a gripping film"}, {"task": "bbc", "text": "Shares fell"}]}]})
+    items: list[MixedItem] = Field(min_length=1)
+
+
+# ------------------------------------------------------------------------------------------------- responses
+class Prediction(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+    truncated: bool = Field(description="the text was longer than the backbone takes and was cut")
+
+
+class ClassifyResult(BaseModel):
+    task: str
+    version: int
+    predictions: list[Prediction]
+
+
+class MixedPrediction(Prediction):
+    """One prediction from `POST /classify`; carries the task and adapter version that produced it."""
+
+    task: str
+    version: int
+
+
+class MixedResponse(BaseModel):
+    predictions: list[MixedPrediction]
+
+
+class TaskInfo(BaseModel):
+    # Newer servers may report more fields; keep them (see `model_extra`) rather than fail or drop them.
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    version: int
+    versions: list[int]
+    labels: list[str]
+    generator: str
+    prompt_layer: int
+    prompt_length: int
+    head: str
+    parameters: int
+    location: Literal["gpu", "cpu", "disk"]
+    pinned: bool
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class UploadResult(BaseModel):
+    task: str
+    version: int
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

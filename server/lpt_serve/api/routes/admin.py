@@ -1,0 +1,48 @@
+"""Admin routes: hot upload, retire, rollback. Every one needs the admin token (`deps.require_admin`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Response, UploadFile
+from lpt_client.schemas import UploadResult
+from lpt_serve.api.deps import AdminOnly, ServiceDep, SettingsDep
+from lpt_serve.api.errors import Forbidden, Unauthorized, statuses
+from lpt_serve.errors import AdapterError, InputTooLarge, InvalidInput, NothingToRollBack, TaskNotFound
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminOnly])
+ERRORS = statuses(AdapterError, Unauthorized, Forbidden, TaskNotFound, NothingToRollBack, InputTooLarge, InvalidInput)
+
+
+@router.put("/tasks/{task}", status_code=201, response_model=UploadResult, responses=ERRORS)
+async def upload_task(task: str, service: ServiceDep, settings: SettingsDep,
+                      config: Annotated[UploadFile, File(description="adapter_config.json")],
+                      weights: Annotated[UploadFile, File(description="adapter_model.safetensors")]) -> UploadResult:
+    """Hot upload: checked against the served backbone, committed atomically as the next version, then
+    swapped in; the old version serves until then."""
+    limit = settings.max_upload_bytes
+    config_bytes = await _read_limited(config, limit, "config")
+    weights_bytes = await _read_limited(weights, limit, "weights")
+    served = await service.upload(task, config_bytes, weights_bytes)
+    return UploadResult(task=served.task, version=served.version)
+
+
+@router.delete("/tasks/{task}", status_code=204, responses=ERRORS)
+async def delete_task(task: str, service: ServiceDep) -> Response:
+    """Retire a task: it stops being served and leaves the store."""
+    await service.retire(task)
+    return Response(status_code=204)
+
+
+@router.post("/tasks/{task}/rollback", response_model=UploadResult, responses=ERRORS)
+async def rollback_task(task: str, service: ServiceDep) -> UploadResult:
+    """Serve the previous version again."""
+    served = await service.rollback(task)
+    return UploadResult(task=served.task, version=served.version)
+
+
+async def _read_limited(upload: UploadFile, limit: int, field: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise InputTooLarge(f"the {field} file is over {limit} bytes (LPT_MAX_UPLOAD_BYTES)")
+    return data

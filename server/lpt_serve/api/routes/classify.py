@@ -1,0 +1,100 @@
+"""`POST /classify/{task}` and `POST /classify`: requests in, the service's predictions out, outcomes counted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from fastapi import APIRouter, Request, Response
+from lpt_client.schemas import ClassifyRequest, ClassifyResult, MixedPrediction, MixedRequest, MixedResponse
+from lpt_client.schemas import Prediction as PredictionBody
+from lpt_serve.api.deps import ServiceDep
+from lpt_serve.api.errors import kind_of, statuses
+from lpt_serve.errors import (
+    DeadlineExceeded,
+    InputTooLarge,
+    InvalidInput,
+    Overloaded,
+    TaskNotFound,
+    Unavailable,
+)
+from lpt_serve.serving.registry import ServedTask
+from lpt_serve.serving.service import Prediction, Service
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["classify"])
+ERRORS = statuses(InvalidInput, TaskNotFound, InputTooLarge, Overloaded, Unavailable, DeadlineExceeded)
+T = TypeVar("T")
+
+# nginx's code for "the client closed the request": nobody reads it, but the access log says what happened.
+CLIENT_GONE = 499
+
+
+@router.post("/classify/{task}", response_model=ClassifyResult, responses=ERRORS)
+async def classify_task(task: str, body: ClassifyRequest, request: Request, service: ServiceDep):
+    """Classify one text (`text`) or several (`texts`) with one task; predictions come in input order.
+
+    Texts longer than the backbone's limit are cut to fit and flagged `truncated: true`.
+    """
+    served = service.resolve(task)
+    predictions = await _answer(request, service, [(served, text) for text in body.all_texts()])
+    if predictions is None:
+        return Response(status_code=CLIENT_GONE)
+    return ClassifyResult(task=served.task, version=served.version, predictions=[
+        PredictionBody(label=p.label, score=p.score, scores=p.scores, truncated=p.truncated) for p in predictions])
+
+
+@router.post("/classify", response_model=MixedResponse, responses=ERRORS)
+async def classify_mixed(body: MixedRequest, request: Request, service: ServiceDep):
+    """Many tasks in one call: one prediction per item, in order. Items on the same text (and template) share
+    the layers below the prompt layer."""
+    pairs = [(service.resolve(item.task), item.text) for item in body.items]
+    predictions = await _answer(request, service, pairs)
+    if predictions is None:
+        return Response(status_code=CLIENT_GONE)
+    return MixedResponse(predictions=[
+        MixedPrediction(task=p.task, version=p.version, label=p.label, score=p.score, scores=p.scores,
+                        truncated=p.truncated) for p in predictions])
+
+
+async def _answer(request: Request, service: Service,
+                  pairs: Sequence[tuple[ServedTask, str]]) -> list[Prediction] | None:
+    """The service's predictions, with each task's request and its outcome counted; None if the client left."""
+    tasks = {served.task for served, _ in pairs}
+    metrics = service.metrics
+    try:
+        predictions = await _unless_client_leaves(request, service.classify(pairs))
+    except Exception as exc:
+        kind = kind_of(exc)
+        for task in tasks:
+            metrics.requests.labels(task, str(kind.status)).inc()
+            metrics.errors.labels(task, kind.type).inc()
+        raise
+    if predictions is not None:
+        for task in tasks:
+            metrics.requests.labels(task, "200").inc()
+    return predictions
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, unless the client hangs up first: then cancel it (its rows leave the queue) and answer None."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+    if job.cancelled():
+        log.info("client went away before its answer; its rows were dropped", extra={"path": request.url.path})
+        return None
+    return job.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Once the body is read, the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,34 @@
+"""Operations: `/metrics` (Prometheus), `/healthz` (liveness), `/readyz` (readiness)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from lpt_serve.api.deps import ServiceDep
+from lpt_serve.api.errors import error_response, statuses
+from lpt_serve.errors import Unavailable
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus text format, per-task labels."""
+    service.queue_depth()  # a gauge read at scrape time
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=statuses(Unavailable))
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Readiness: backbone loaded, adapters loaded, one forward pass done."""
+    if not service.ready:
+        return error_response(Unavailable("not ready", retry_after=1))
+    return JSONResponse({"status": "ok", "tasks": len(service.registry.names()),
+                         "device": str(service.backbone.device), "dtype": str(service.backbone.dtype)})

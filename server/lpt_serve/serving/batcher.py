@@ -1,0 +1,217 @@
+"""Micro-batcher: packs rows of many tasks into one forward pass, run off the event loop.
+
+A batch starts with the oldest waiting row and fills until `max_batch_size` rows, `max_batch_tokens` padded
+tokens, or `max_wait_ms` after that row arrived. Rows closest in length to the oldest one join first, which
+limits padding while the oldest row is always served next (no starvation). Rows whose client has gone or
+whose deadline passed are dropped before the pass. One inference thread runs the passes; while it works,
+the next batch gathers. On shutdown the queue drains before the loop ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lpt_serve.errors import DeadlineExceeded, Overloaded, Unavailable
+from lpt_serve.model.adapter import TaskAdapter
+from lpt_serve.model.engine import Encoded
+from lpt_serve.serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Runs one mixed pass on the inference thread: one adapter and one encoded row in, one probability list out, per row.
+RunBatch = Callable[[Sequence[TaskAdapter], Sequence[Encoded]], list[list[float]]]
+
+
+@dataclass(eq=False)
+class Row:
+    adapter: TaskAdapter
+    encoded: Encoded
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+
+    @property
+    def tokens(self) -> int:
+        return len(self.encoded.input_ids)
+
+
+@dataclass
+class BatchRecord:
+    """What one pass held: for tests, the dashboard and the logs."""
+
+    rows: int
+    tasks: dict[str, int]
+    padded_tokens: int
+    seconds: float
+    started: float = field(default_factory=time.time)
+
+
+class Batcher:
+    def __init__(self, run_batch: RunBatch, *, max_batch_size: int = 64, max_batch_tokens: int = 16384,
+                 max_wait_ms: float = 5.0, max_queue: int = 2048, metrics: Metrics | None = None,
+                 history: int = 256) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.history: deque[BatchRecord] = deque(maxlen=history)
+        self._queue: list[Row] = []
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpt-infer")
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._rows_per_second = 0.0
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="lpt-batcher")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new rows, finish what is queued and in flight, then end the loop."""
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.warning("batcher did not drain within %.0fs; cancelling %d rows", timeout, len(self._queue))
+                self._task.cancel()
+        for row in self._queue:
+            if not row.future.done():
+                row.future.set_exception(Unavailable("the server is shutting down", retry_after=1))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def run_now(self, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded]) -> list[list[float]]:
+        """One pass on the inference thread outside the queue (warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, adapters, encoded)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # ---------------------------------------------------------------------------------------------- submit
+    def submit(self, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded], timeout_s: float) -> list[Row]:
+        """Queue one request's rows; await `row.future` for each row's probabilities."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down; retry on another replica", retry_after=1)
+        if len(self._queue) + len(adapters) > self.max_queue:
+            wait = len(self._queue) / self._rows_per_second if self._rows_per_second > 0 else 1.0
+            raise Overloaded(f"the queue is full ({len(self._queue)} rows waiting); retry later",
+                             retry_after=max(1.0, math.ceil(wait)))
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        rows = [Row(a, e, loop.create_future(), now, now + timeout_s) for a, e in zip(adapters, encoded, strict=True)]
+        self._queue.extend(rows)
+        self._set_depth()
+        self._arrived.set()
+        return rows
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self.max_batch_size:
+            return True
+        longest = max(r.tokens for r in self._queue)
+        return len(self._queue) * longest >= self.max_batch_tokens
+
+    def _take(self) -> list[Row]:
+        anchor = self._queue[0]
+        window = self._queue[: self.max_batch_size * 4]
+        by_closeness = sorted(window[1:], key=lambda r: abs(r.tokens - anchor.tokens))
+        chosen, longest = [anchor], anchor.tokens
+        for row in by_closeness:
+            if len(chosen) >= self.max_batch_size:
+                break
+            width = max(longest, row.tokens)
+            if (len(chosen) + 1) * width > self.max_batch_tokens:
+                continue
+            chosen.append(row)
+            longest = width
+        taken = set(map(id, chosen))
+        self._queue = [r for r in self._queue if id(r) not in taken]
+        self._set_depth()
+        return chosen
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            fill_until = self._queue[0].enqueued + self.max_wait
+            while not self._full() and not self._stopping:
+                remaining = fill_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._live(self._take())
+            if not batch:
+                continue
+            started = time.monotonic()
+            adapters = [r.adapter for r in batch]
+            encoded = [r.encoded for r in batch]
+            try:
+                probs = await loop.run_in_executor(self._executor, self.run_batch, adapters, encoded)
+            except Exception as exc:  # a failed pass fails its rows, never the loop
+                log.exception("forward pass of %d rows failed", len(batch))
+                for row in batch:
+                    if not row.future.done():
+                        row.future.set_exception(exc)
+                continue
+            elapsed = time.monotonic() - started
+            self._record(batch, elapsed, started)
+            for row, p in zip(batch, probs, strict=True):
+                if not row.future.done():
+                    row.future.set_result(p)
+
+    def _live(self, batch: list[Row]) -> list[Row]:
+        now = time.monotonic()
+        live = []
+        for row in batch:
+            if row.future.done():  # cancelled: the client went away or the handler gave up
+                self._drop("cancelled")
+            elif now >= row.deadline:
+                row.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited for a batch"))
+                self._drop("deadline")
+            else:
+                live.append(row)
+        return live
+
+    def _drop(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(reason).inc()
+
+    def _record(self, batch: list[Row], elapsed: float, started: float) -> None:
+        tasks = Counter(r.adapter.task for r in batch)
+        record = BatchRecord(len(batch), dict(tasks), len(batch) * max(r.tokens for r in batch), elapsed)
+        self.history.append(record)
+        rate = len(batch) / max(elapsed, 1e-6)
+        self._rows_per_second = rate if self._rows_per_second == 0 else 0.8 * self._rows_per_second + 0.2 * rate
+        if self.metrics is not None:
+            m = self.metrics
+            m.forward_latency.observe(elapsed)
+            m.batch_rows.observe(len(batch))
+            m.batch_tasks.observe(len(tasks))
+            for row in batch:
+                m.queue_latency.labels(row.adapter.task).observe(started - row.enqueued)
+        log.debug("batch of %d rows, %d tasks, %.1f ms", len(batch), len(tasks), elapsed * 1000)

@@ -1,0 +1,224 @@
+"""The service: texts in, typed predictions out. It owns the backbone, the store, the registry, the micro-batcher
+and the metrics, and knows nothing of HTTP: the edge (`lpt_serve.api`) turns requests into calls here and
+domain errors into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lpt_serve.errors import DeadlineExceeded, InputTooLarge, InvalidInput, Unavailable
+from lpt_serve.model.adapter import TaskAdapter
+from lpt_serve.model.backbone import Backbone
+from lpt_serve.model.engine import Encoded, classify_rows, encode_texts
+from lpt_serve.serving.batcher import Batcher
+from lpt_serve.serving.metrics import Metrics
+from lpt_serve.serving.registry import Registry, ServedTask
+from lpt_serve.serving.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the service needs to know; the edge fills it from its settings."""
+
+    store: Path
+    seed_from: Path | None = None
+    backbone: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 5.0
+    max_queue: int = 2048
+    request_timeout_s: float = 30.0
+    max_texts_per_request: int = 256
+    max_text_chars: int = 100_000
+    max_length: int | None = None
+    device_budget_mb: float = 512.0
+    pinned_tasks: Sequence[str] = field(default_factory=tuple)
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row's answer: the label with the highest probability, its probability, and every label's."""
+
+    task: str
+    version: int
+    label: str
+    score: float
+    scores: dict[str, float]
+    truncated: bool
+
+
+def prediction(served: ServedTask, encoded: Encoded, probabilities: Sequence[float]) -> Prediction:
+    labels = served.adapter.labels
+    scores = dict(zip(labels, (float(p) for p in probabilities), strict=True))
+    best = max(labels, key=scores.__getitem__)
+    return Prediction(served.task, served.version, best, scores[best], scores, encoded.truncated)
+
+
+class Service:
+    """Backbone, registry, batcher, metrics and readiness, started and stopped together."""
+
+    def __init__(self, config: ServiceConfig, backbone: Backbone | None = None) -> None:
+        self.config = config
+        self.backbone = backbone
+        self.metrics = Metrics()
+        self.store: AdapterStore | None = None
+        self.registry: Registry | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        c = self.config
+        if self.backbone is None:
+            self.backbone = await asyncio.to_thread(Backbone.load, c.backbone, device=c.device, dtype=c.dtype)
+        self.store = await asyncio.to_thread(self._open_store)
+        self.registry = Registry(self.backbone, self.store, device_budget_bytes=int(c.device_budget_mb * 2**20),
+                                 pinned=c.pinned_tasks)
+        await asyncio.to_thread(self.registry.load_all)
+        self.metrics.tasks_served.set(len(self.registry.names()))
+        self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
+                               max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics)
+        self.batcher.start()
+        if c.warmup:
+            await self._warmup()
+        self.ready = True
+        if not self.registry.names():
+            log.warning("serving no tasks: the store %s is empty; upload one with `lpt upload TASK DIR`",
+                        self.store.root)
+        log.info("ready: %d tasks on %s (%s)", len(self.registry.names()), self.backbone.device, self.backbone.dtype)
+
+    def _open_store(self) -> AdapterStore:
+        root = self.config.store
+        root.mkdir(parents=True, exist_ok=True)
+        store = AdapterStore(root)
+        if self.config.seed_from is not None:
+            seeded = store.seed(self.config.seed_from)
+            if seeded:
+                log.warning("the store %s was new: seeded it with the demo tasks %s", store.root, ", ".join(seeded))
+        return store
+
+    async def _warmup(self) -> None:
+        served = self.registry.served()
+        if served:
+            encoded = encode_texts(self.backbone, ["warm up"], served[0].adapter.config.template)
+            await self.batcher.run_now([served[0].adapter], encoded)
+        else:
+            ids = self.backbone.tokenize(["warm up"])
+            await asyncio.to_thread(self._plain_forward, ids)
+
+    def _plain_forward(self, ids) -> None:
+        with torch.inference_mode():
+            self.backbone(ids["input_ids"].to(self.backbone.device), ids["attention_mask"].to(self.backbone.device))
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop(timeout=self.config.request_timeout_s)
+
+    def _run_batch(self, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded]) -> list[list[float]]:
+        """On the inference thread: place the batch's adapters, run one mixed pass."""
+        self.registry.acquire(adapters)
+        return [p.tolist() for p in classify_rows(self.backbone, adapters, encoded)]
+
+    # -------------------------------------------------------------------------------------------- classify
+    def resolve(self, task: str) -> ServedTask:
+        """The adapter version a request will run, fixed at admission (TaskNotFound if not served)."""
+        if not self.ready or self.registry is None:
+            raise Unavailable("the server is starting; retry shortly", retry_after=1)
+        return self.registry.get(task)
+
+    def resolve_registry(self) -> Registry:
+        if self.registry is None:
+            raise Unavailable("the server is starting; retry shortly", retry_after=1)
+        return self.registry
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        c = self.config
+        if len(texts) > c.max_texts_per_request:
+            raise InputTooLarge(
+                f"{len(texts)} texts in one request; at most {c.max_texts_per_request} (LPT_MAX_TEXTS_PER_REQUEST)")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"text {i} is empty; send at least one non-space character")
+            if len(text) > c.max_text_chars:
+                raise InputTooLarge(
+                    f"text {i} has {len(text)} characters; at most {c.max_text_chars} (LPT_MAX_TEXT_CHARS)")
+
+    async def classify(self, pairs: Sequence[tuple[ServedTask, str]]) -> list[Prediction]:
+        """Tokenize per task, queue every row, wait for all of them or the deadline. Cancelling this (the client
+        went away) drops the rows that have not run yet."""
+        if not self.ready or self.batcher is None:
+            raise Unavailable("the server is starting; retry shortly", retry_after=1)
+        self.check_texts([text for _, text in pairs])
+        timeout = self.config.request_timeout_s
+        started = time.monotonic()
+        encoded = await asyncio.to_thread(self._encode, pairs)
+        rows = self.batcher.submit([served.adapter for served, _ in pairs], encoded, timeout)
+        futures = [r.future for r in rows]
+        try:
+            remaining = timeout - (time.monotonic() - started)
+            _, pending = await asyncio.wait(futures, timeout=max(0.0, remaining))
+            if pending:
+                raise DeadlineExceeded(f"no answer within {timeout:.0f}s (LPT_REQUEST_TIMEOUT_S)")
+            results = [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()  # a no-op on finished rows; drops the others before their pass
+        elapsed = time.monotonic() - started
+        out = [prediction(served, enc, probs) for (served, _), enc, probs in zip(pairs, encoded, results, strict=True)]
+        per_task: dict[str, int] = {}
+        for served, _ in pairs:
+            per_task[served.task] = per_task.get(served.task, 0) + 1
+        for task, n in per_task.items():
+            self.metrics.rows.labels(task).inc(n)
+            self.metrics.request_latency.labels(task).observe(elapsed)
+        return out
+
+    def _encode(self, pairs: Sequence[tuple[ServedTask, str]]) -> list[Encoded]:
+        # Tokenize once per (template, max length): the common case is one task, one call to the fast tokenizer.
+        groups: dict[tuple[str | None, int | None], list[int]] = {}
+        for i, (served, _) in enumerate(pairs):
+            cfg = served.adapter.config
+            limits = [x for x in (cfg.max_length, self.config.max_length) if x is not None]
+            groups.setdefault((cfg.template, min(limits) if limits else None), []).append(i)
+        encoded: list[Encoded | None] = [None] * len(pairs)
+        for (template, limit), idx in groups.items():
+            for i, e in zip(idx, encode_texts(self.backbone, [pairs[i][1] for i in idx], template, limit), strict=True):
+                encoded[i] = e
+        return encoded  # type: ignore[return-value]
+
+    # -------------------------------------------------------------------------------------------- adapters
+    async def upload(self, task: str, config_bytes: bytes, weights_bytes: bytes) -> ServedTask:
+        served = await asyncio.to_thread(self.registry.upload, task, config_bytes, weights_bytes)
+        self._adapters_changed("upload")
+        return served
+
+    async def rollback(self, task: str) -> ServedTask:
+        served = await asyncio.to_thread(self.registry.rollback, task)
+        self._adapters_changed("rollback")
+        return served
+
+    async def retire(self, task: str) -> None:
+        await asyncio.to_thread(self.registry.retire, task)
+        self._adapters_changed("retire")
+
+    def _adapters_changed(self, event: str) -> None:
+        self.metrics.adapter_events.labels(event).inc()
+        self.metrics.tasks_served.set(len(self.registry.names()))
+
+    def queue_depth(self) -> int:
+        depth = self.batcher.depth if self.batcher is not None else 0
+        self.metrics.queue_depth.set(depth)
+        return depth

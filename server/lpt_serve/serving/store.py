@@ -1,0 +1,453 @@
+"""Versioned, crash-safe on-disk store of task adapters.
+
+Layout under ``root``::
+
+    <root>/<task>/v<N>/adapter_config.json
+    <root>/<task>/v<N>/adapter_model.safetensors
+    <root>/<task>/state.json      {"current": N, "history": [..., N]}
+    <root>/.tmp/                  staging uploads and retired tasks being deleted (emptied by recover())
+    <root>/.lock                  inter-process lock file (fcntl.flock)
+    <root>/.seeded                the store was initialised (see ``seed``)
+
+The store deals only in files: it never parses the adapter contents, the caller validates them before committing.
+
+Crash-safety invariants:
+
+* A version directory only ever appears under its final name complete and fsynced: it is fully written in
+  ``.tmp/`` and then ``os.rename``d into place.
+* ``state.json`` is the single commit point. It is replaced atomically and only after the version it names is
+  durable, so it never points at a missing or partial version.
+* A retired task disappears in one ``os.rename`` (into ``.tmp/``) before anything is deleted.
+
+Decisions:
+
+* A complete version directory that ``state.json`` does not reference (a crash between the rename and the state
+  update) is kept by ``recover()``: it is never served, but keeping it means a version number is never handed out
+  twice within a task's life, so a cache keyed on ``(task, version)`` cannot confuse two different uploads.
+* ``retire()`` removes the whole task directory, so a later ``commit()`` of the same name starts a fresh task at
+  ``v1``. Anything caching adapters by ``(task, version)`` must drop a task's entries when it is retired.
+* Every mutation, staging included, runs under both locks, so ``recover()`` in one replica can never delete
+  another replica's upload in progress. Reads take no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lpt_serve.errors import NothingToRollBack, StoreError, TaskNotFound
+from lpt_serve.format import ADAPTER_FILES, CONFIG_NAME, TASK_NAME_PATTERN, WEIGHTS_NAME, validate_task_name
+
+__all__ = [
+    "STATE_NAME",
+    "AdapterStore",
+    "TaskRecord",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "state.json"
+STATE_TMP_NAME = "state.json.tmp"
+TMP_DIR_NAME = ".tmp"
+LOCK_NAME = ".lock"
+# Written once the store has been initialised (seeded or not), so that retiring every demo task does not bring
+# them back at the next start.
+SEEDED_NAME = ".seeded"
+
+# No leading zeros: "v01" and "v1" would otherwise name the same version.
+_VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
+_CHUNK = 1 << 20
+
+
+def _crash_hook(stage: str) -> None:
+    """Test seam: called at each crash-relevant point of a mutation; tests replace it to block and get SIGKILLed.
+
+    Stages: ``"write-weights"`` (after each chunk of the weights file), ``"staged"`` (staging dir durable, not yet
+    renamed), ``"renamed"`` (version dir in place, state.json not yet updated), ``"state-replaced"``,
+    ``"retire-renamed"`` (task moved into .tmp, not yet deleted).
+    """
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task: str
+    current: int
+    versions: tuple[int, ...]
+    history: tuple[int, ...]
+    task_dir: Path = field(repr=False)
+
+    def path(self, version: int | None = None) -> Path:
+        """Directory of ``version`` (default: the current one)."""
+        v = self.current if version is None else version
+        if v not in self.versions:
+            raise ValueError(f"task {self.task!r} has no version {v} (has {list(self.versions)})")
+        return self.task_dir / f"v{v}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, chunks: Iterable[bytes | memoryview], stage: str | None = None) -> None:
+    # "xb": a staging path is always fresh, so an existing file means something else is writing there.
+    with open(path, "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            if stage is not None:
+                _crash_hook(stage)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_durably_replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _bytes_chunks(data: bytes) -> Iterator[memoryview]:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+def _is_complete(version_dir: Path) -> bool:
+    return all((version_dir / name).is_file() for name in ADAPTER_FILES)
+
+
+def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
+    data = json.loads(raw)
+    current = data["current"]
+    history = data.get("history") or []
+    # bool is an int subclass; true/false in state.json is corruption, not version 1/0.
+    if type(current) is not int or current < 1:
+        raise ValueError(f"bad current {current!r}")
+    if not isinstance(history, list) or any(type(v) is not int or v < 1 for v in history):
+        raise ValueError(f"bad history {history!r}")
+    if not history or history[-1] != current:
+        history = [*history, current]
+    return current, tuple(history)
+
+
+class AdapterStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / TMP_DIR_NAME
+        self._lock_path = self.root / LOCK_NAME
+        self._thread_lock = threading.Lock()
+        removed = self.recover()
+        if removed:
+            log.info("adapter store %s: recovery removed %s", self.root, removed)
+
+    # ---- locking -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # The thread lock comes first so threads of this process queue on it rather than on flock; flock then
+        # serialises against other processes (server replicas, the CLI) sharing the root. The lock file is opened
+        # per acquisition so a store object holds no fd between mutations, and the kernel drops the lock if the
+        # holder dies.
+        with self._thread_lock:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def _task_dir(self, task: str) -> Path:
+        return self.root / validate_task_name(task)
+
+    @staticmethod
+    def _version_numbers(task_dir: Path) -> list[int]:
+        """Every ``v<N>`` directory name present, complete or not (so numbering never collides with either)."""
+        found = []
+        for entry in task_dir.iterdir():
+            m = _VERSION_DIR.fullmatch(entry.name)
+            if m and entry.is_dir():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def _complete_versions(self, task_dir: Path) -> tuple[int, ...]:
+        return tuple(v for v in self._version_numbers(task_dir) if _is_complete(task_dir / f"v{v}"))
+
+    @staticmethod
+    def _read_state(task_dir: Path) -> tuple[int, tuple[int, ...]] | None:
+        """(current, history), or None when the task has no state.json (never made current, or gone)."""
+        path = task_dir / STATE_NAME
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return _parse_state(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            # os.replace means we never produce this ourselves; someone edited the file by hand.
+            raise StoreError(f"corrupt {path}: {e}") from e
+
+    def _load(self, task: str) -> TaskRecord | None:
+        """The served record of ``task``, or None when it is absent or has no complete current version."""
+        task_dir = self._task_dir(task)
+        try:
+            state = self._read_state(task_dir)
+            if state is None:
+                return None
+            versions = self._complete_versions(task_dir)
+        except FileNotFoundError:
+            # Retired (renamed away) between our reads.
+            return None
+        current, history = state
+        if current not in versions:
+            log.warning("task %r: state.json names v%d, which is not a complete version; not serving", task, current)
+            return None
+        return TaskRecord(task=task, current=current, versions=versions, history=history, task_dir=task_dir)
+
+    def _task_names(self) -> list[str]:
+        names = []
+        for entry in self.root.iterdir():
+            # Task names cannot start with a dot, so .tmp, .lock and .seeded never look like tasks.
+            if TASK_NAME_PATTERN.fullmatch(entry.name) and entry.is_dir():
+                names.append(entry.name)
+        return sorted(names)
+
+    def tasks(self) -> dict[str, TaskRecord]:
+        """Served tasks (state.json names a complete version), sorted by name. Lock-free."""
+        out: dict[str, TaskRecord] = {}
+        for name in self._task_names():
+            try:
+                record = self._load(name)
+            except StoreError as e:
+                log.warning("skipping task %r: %s", name, e)
+                continue
+            if record is not None:
+                out[name] = record
+        return out
+
+    def get(self, task: str) -> TaskRecord:
+        """The served record of ``task``; raises TaskNotFound when it is absent or not servable. Lock-free."""
+        try:
+            record = self._load(task)
+        except StoreError as e:
+            raise TaskNotFound(f"task {task!r} is not servable: {e}") from e
+        if record is None:
+            raise TaskNotFound(f"task {task!r} not found")
+        return record
+
+    # ---- mutating ------------------------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Clean up after crashes; returns the removed paths, relative to the root, for logging.
+
+        Removes everything under ``.tmp/`` (uploads that never got renamed, retired tasks not fully deleted),
+        stray ``state.json.tmp`` files, and version directories that are incomplete and not referenced by
+        state.json. Complete unreferenced versions are kept (see module docstring).
+        """
+        removed: list[str] = []
+        with self._locked():
+            if self._tmp.is_dir():
+                for entry in sorted(self._tmp.iterdir()):
+                    self._remove(entry)
+                    removed.append(str(entry.relative_to(self.root)))
+            self._tmp.mkdir(exist_ok=True)
+            for name in self._task_names():
+                task_dir = self.root / name
+                stray = task_dir / STATE_TMP_NAME
+                if stray.exists():
+                    stray.unlink()
+                    removed.append(str(stray.relative_to(self.root)))
+                try:
+                    state = self._read_state(task_dir)
+                except StoreError as e:
+                    # Without a readable state we cannot tell what is referenced, so leave it all for a human.
+                    log.warning("recover: leaving task %r alone: %s", name, e)
+                    continue
+                referenced = set(state[1]) if state else set()
+                for v in self._version_numbers(task_dir):
+                    version_dir = task_dir / f"v{v}"
+                    if v not in referenced and not _is_complete(version_dir):
+                        self._remove(version_dir)
+                        removed.append(str(version_dir.relative_to(self.root)))
+                    elif v in referenced and not _is_complete(version_dir):
+                        log.warning("recover: task %r references incomplete v%d; keeping it", name, v)
+        return removed
+
+    def seed(self, source: Path) -> list[str]:
+        """Copy the current version of every task in ``source`` (a store laid out as above, e.g. the demo adapters)
+        into this store, once in its life: only when it holds no task and was never seeded. Returns the tasks
+        copied. Later starts do nothing, so retiring a seeded task keeps it retired."""
+        marker = self.root / SEEDED_NAME
+        if marker.exists():
+            return []
+        copied: list[str] = []
+        if not self.tasks():
+            for task, record in AdapterStore.read_only(source).tasks().items():
+                self.commit_dir(task, record.path())
+                copied.append(task)
+        with self._locked():
+            _write_durably_replace(marker, b"")
+        return copied
+
+    @classmethod
+    def read_only(cls, root: Path) -> AdapterStore:
+        """A store object for reading only: no recovery, no lock, nothing written (the shipped seed data)."""
+        store = cls.__new__(cls)
+        store.root = Path(root).resolve()
+        store._tmp = store.root / TMP_DIR_NAME
+        store._lock_path = store.root / LOCK_NAME
+        store._thread_lock = threading.Lock()
+        return store
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+    def commit(self, task: str, config_bytes: bytes, weights_bytes: bytes) -> TaskRecord:
+        """Store a new version of ``task`` (created if absent) and make it current."""
+        validate_task_name(task)
+        for label, data in (("config_bytes", config_bytes), ("weights_bytes", weights_bytes)):
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"{label} must be bytes, got {type(data).__name__}")
+        return self._commit(task, _bytes_chunks(bytes(config_bytes)), _bytes_chunks(bytes(weights_bytes)))
+
+    def commit_dir(self, task: str, src_dir: Path) -> TaskRecord:
+        """Copy the two adapter files of ``src_dir`` in as a new current version; other files there are ignored."""
+        validate_task_name(task)
+        src_dir = Path(src_dir)
+        missing = [name for name in ADAPTER_FILES if not (src_dir / name).is_file()]
+        if missing:
+            raise StoreError(f"{src_dir} is not an adapter directory: missing {', '.join(missing)}")
+        return self._commit(task, _file_chunks(src_dir / CONFIG_NAME), _file_chunks(src_dir / WEIGHTS_NAME))
+
+    def _commit(
+        self, task: str, config_chunks: Iterable[bytes | memoryview], weights_chunks: Iterable[bytes | memoryview]
+    ) -> TaskRecord:
+        with self._locked():
+            task_dir = self.root / task
+            try:
+                prior = self._read_state(task_dir)
+            except StoreError as e:
+                # Committing is how an operator fixes a broken task, so start a fresh history rather than refuse.
+                log.warning("task %r: %s; starting a new history", task, e)
+                prior = None
+
+            self._tmp.mkdir(exist_ok=True)
+            staging = self._tmp / f"stage-{task}-{uuid.uuid4().hex}"
+            staging.mkdir()
+            try:
+                _write_durably(staging / CONFIG_NAME, config_chunks)
+                _write_durably(staging / WEIGHTS_NAME, weights_chunks, stage="write-weights")
+                _fsync_dir(staging)
+                _crash_hook("staged")
+
+                if not task_dir.is_dir():
+                    task_dir.mkdir()
+                    _fsync_dir(self.root)
+                version = max(self._version_numbers(task_dir), default=0) + 1
+                final = task_dir / f"v{version}"
+                os.rename(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            # Make the rename durable before state.json can name the new version.
+            _fsync_dir(task_dir)
+            _fsync_dir(self._tmp)
+            _crash_hook("renamed")
+
+            history = (*(prior[1] if prior else ()), version)
+            self._write_state(task_dir, version, history)
+            _crash_hook("state-replaced")
+            return TaskRecord(
+                task=task,
+                current=version,
+                versions=self._complete_versions(task_dir),
+                history=history,
+                task_dir=task_dir,
+            )
+
+    @staticmethod
+    def _write_state(task_dir: Path, current: int, history: tuple[int, ...]) -> None:
+        # Written as state.json.tmp, then renamed: recover() removes a stray state.json.tmp after a crash.
+        payload = json.dumps({"current": current, "history": list(history)}).encode()
+        _write_durably_replace(task_dir / STATE_NAME, payload)
+        _fsync_dir(task_dir)
+
+    def retire(self, task: str) -> None:
+        """Stop serving ``task`` and delete all its versions; TaskNotFound if there is no such task directory.
+
+        A task directory without a servable version (e.g. only an orphan upload) can be retired too, to clean it up.
+        """
+        task_dir = self._task_dir(task)
+        with self._locked():
+            if not task_dir.is_dir():
+                raise TaskNotFound(f"task {task!r} not found")
+            self._tmp.mkdir(exist_ok=True)
+            graveyard = self._tmp / f"retired-{task}-{uuid.uuid4().hex}"
+            os.rename(task_dir, graveyard)
+            _fsync_dir(self.root)
+            _fsync_dir(self._tmp)
+            _crash_hook("retire-renamed")
+            try:
+                shutil.rmtree(graveyard)
+            except OSError as e:
+                # The task is already gone from view; recover() at the next open finishes the deletion.
+                log.warning("retire %r: could not delete %s yet: %s", task, graveyard, e)
+
+    def rollback(self, task: str) -> TaskRecord:
+        """Make the previous version in history current again; NothingToRollBack if there is none."""
+        task_dir = self._task_dir(task)
+        with self._locked():
+            try:
+                state = self._read_state(task_dir)
+            except StoreError as e:
+                raise TaskNotFound(f"task {task!r} is not servable: {e}") from e
+            if state is None:
+                raise TaskNotFound(f"task {task!r} not found")
+            _, history = state
+            complete = set(self._complete_versions(task_dir))
+            remaining = list(history[:-1])
+            # Only land on a version that can actually be served; should never skip anything in practice.
+            while remaining and remaining[-1] not in complete:
+                log.warning("rollback %r: skipping incomplete v%d", task, remaining.pop())
+            if not remaining:
+                raise NothingToRollBack(f"task {task!r} has no earlier version to roll back to")
+            target = remaining[-1]
+            self._write_state(task_dir, target, tuple(remaining))
+            return TaskRecord(
+                task=task,
+                current=target,
+                versions=tuple(sorted(complete)),
+                history=tuple(remaining),
+                task_dir=task_dir,
+            )
