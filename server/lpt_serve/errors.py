@@ -50,6 +50,18 @@ class StoreError(LptServeError):
     """The adapter store cannot do what was asked (unreadable state, a directory that is not an adapter)."""
 
 
+class StoreUnwritable(StoreError):
+    """The store cannot take a change now (read-only, or the disk is full); what it holds still serves."""
+
+
+class TaskFailed(LptServeError):
+    """This task's adapter failed in the forward pass or gave non-finite outputs; other tasks were answered."""
+
+
+class TaskQuarantined(LptServeError):
+    """The task keeps failing and is held out of every batch until an operator uploads or rolls back."""
+
+
 class RetryLater(LptServeError):
     """The request was refused before any work; `retry_after` seconds is a fair wait."""
 

@@ -26,7 +26,10 @@ from lpt_serve.errors import (
     Overloaded,
     RetryLater,
     StoreError,
+    StoreUnwritable,
+    TaskFailed,
     TaskNotFound,
+    TaskQuarantined,
     Unavailable,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,7 +65,10 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (Overloaded, ErrorKind(429, "overloaded")),
     (Unavailable, ErrorKind(503, "unavailable")),
     (DeadlineExceeded, ErrorKind(504, "timeout")),
+    (StoreUnwritable, ErrorKind(507, "store_unwritable")),
     (StoreError, ErrorKind(500, "store_error")),
+    (TaskFailed, ErrorKind(500, "task_failed")),
+    (TaskQuarantined, ErrorKind(503, "task_quarantined", hint="an operator must upload a new version or roll back")),
     (BackboneError, ErrorKind(500, "internal_error")),
 )
 INTERNAL = ErrorKind(500, "internal_error")
