@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lpt_serve.model.backbone import quiet_transformers
 from torch import nn
 
 from bench.common import (
@@ -46,6 +45,7 @@ from bench.common import (
     wait_until_quiet,
     write_json,
 )
+from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "baselines"
 DEFAULT_L2 = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)

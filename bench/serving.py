@@ -46,8 +46,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lpt_serve.model.backbone import quiet_transformers
-
 from bench.common import (
     CpuMonitor,
     fmt,
@@ -62,6 +60,7 @@ from bench.common import (
     wait_until_quiet,
     write_json,
 )
+from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "serving"
 TARGET_HTTP_VS_FORWARD = 0.85
@@ -72,6 +71,7 @@ TARGET_MIXED_VS_SINGLE = 0.95
 def make_adapters(backbone, store_root: Path, n_tasks: int, adapter_dir: Path | None, seed: int) -> list[str]:
     """Commit `n_tasks` adapters (t00, t01, ...) into a fresh store; random weights unless `adapter_dir` is given."""
     import torch
+
     from lpt_serve.model.adapter import AdapterConfig, TaskAdapter
     from lpt_serve.serving.store import AdapterStore
 
@@ -249,6 +249,7 @@ def closed_loop(server: Server, tasks: list[str], texts: list[str], concurrency:
 async def _open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration_s: float,
                      seed: int) -> dict[str, Any]:
     import httpx
+
     from lpt_client.client import AsyncLptClient, LptError
     from lpt_client.loadgen import percentile
 

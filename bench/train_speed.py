@@ -51,8 +51,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lpt_serve.model.backbone import quiet_transformers
-
 from bench.common import (
     CpuMonitor,
     fmt,
@@ -68,6 +66,7 @@ from bench.common import (
     wait_until_quiet,
     write_json,
 )
+from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "train_speed"
 METHODS = ("full", "prompt", "lpt", "lpt-cached")

@@ -3,13 +3,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lpt_serve.model.backbone import Backbone, quiet_transformers
 from lpt_serve.serving.store import AdapterStore
-
 from tests.helpers import make_adapter
 from tests.tiny import make_tiny_bert
 
 quiet_transformers()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_dirs(tmp_path_factory):
+    """No test writes into the user's real data or cache directories: a server started without --store (or a
+    `lpt data` without LPT_DATA_DIR) lands in a throwaway directory, in this process and its subprocesses."""
+    root = tmp_path_factory.mktemp("xdg")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(root / "data"))
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        yield root
 
 
 @pytest.fixture(scope="session")

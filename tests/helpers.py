@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import torch
 import uvicorn
+
 from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME
 from lpt_serve.model.adapter import AdapterConfig, TaskAdapter, label_word_ids
 from lpt_serve.model.backbone import Backbone
@@ -113,7 +114,15 @@ class ServerProcess:
         environment = os.environ | {"LPT_ADMIN_TOKEN": ADMIN_TOKEN} | (env or {})
         self.proc = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        wait_ready(self.url, lambda: None if self.proc.poll() is None else f"server exited: {self.proc.stderr.read()}")
+        def gone() -> str | None:
+            return None if self.proc.poll() is None else f"server exited: {self.proc.stderr.read()}"
+
+        try:
+            wait_ready(self.url, gone)
+        except BaseException:
+            self.proc.kill()  # never leave a half-started server behind
+            self.proc.communicate()
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         """Send `sig`, wait for the exit; answer what the server wrote on stderr."""

@@ -9,9 +9,9 @@ import hashlib
 import json
 from typing import Any
 
-from lpt_client.schemas import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TASK_NAME_PATTERN, TASK_NAME_RULE
 from pydantic import BaseModel, ConfigDict
 
+from lpt_client.schemas import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TASK_NAME_PATTERN, TASK_NAME_RULE
 from lpt_serve.errors import InvalidTaskName
 
 __all__ = [

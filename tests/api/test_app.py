@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
 from lpt_serve.api.app import create_app
 from lpt_serve.api.settings import Settings
 from lpt_serve.model.engine import classify_rows, encode_texts
 from lpt_serve.serving.store import AdapterStore
-
 from tests.helpers import adapter_files, make_adapter, serving
 
 TOKEN = "test-admin-token"
@@ -274,7 +274,6 @@ async def test_admin_off_without_token(tiny_backbone, store_root):
 
 async def test_bad_adapters_are_400_and_change_nothing(server, tiny_backbone, tmp_path):
     from lpt_serve.model.backbone import Backbone
-
     from tests.tiny import make_tiny_bert
 
     good_config, good_weights = adapter_files(make_adapter(tiny_backbone, "alpha", seed=5), tmp_path / "g")

@@ -10,12 +10,12 @@ import threading
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from lpt_serve.api.app import create_app, dashboard_for
 from lpt_serve.api.dashboard import histogram_quantile
 from lpt_serve.api.settings import Settings
 from lpt_serve.serving.metrics import LATENCY_BUCKETS
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.helpers import ThreadedServer, serving
 
 CHROMIUM = os.environ.get("LPT_CHROMIUM", "/usr/bin/chromium")

@@ -15,8 +15,8 @@ import time
 
 import httpx
 import pytest
-from lpt_client import AsyncLptClient, LptClient, TaskNotFoundError
 
+from lpt_client import AsyncLptClient, LptClient, TaskNotFoundError
 from tests.helpers import ADMIN_TOKEN, ServerProcess, make_adapter
 
 TOKEN = ADMIN_TOKEN

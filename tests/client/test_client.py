@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import lpt_client
 import pytest
+
+import lpt_client
 from lpt_client import (
     AsyncLptClient,
     AuthError,

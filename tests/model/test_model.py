@@ -9,6 +9,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
+from transformers import AutoModel, AutoModelForMaskedLM
+
 from lpt_serve.model.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -22,9 +25,6 @@ from lpt_serve.model.backbone import Backbone, additive_mask
 from lpt_serve.model.engine import classify_rows, encode_texts, pad_rows
 from lpt_serve.model.generators import NaivePromptGenerator, PoolingPromptGenerator, adaptive_bins
 from lpt_serve.model.heads import VerbalizerHead
-from torch import nn
-from transformers import AutoModel, AutoModelForMaskedLM
-
 from tests.helpers import adapter_files, make_adapter
 
 TEXTS = [
@@ -179,10 +179,16 @@ def zoo(tiny_mlm_backbone):
     return _task_zoo(tiny_mlm_backbone)
 
 
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def mixed_backbone(request, tiny_mlm_folder, tmp_path_factory) -> Backbone:
+    return Backbone.load(tiny_mlm_folder, device="cpu", dtype="float32", runtime=request.param,
+                         onnx_cache_dir=tmp_path_factory.mktemp("onnx-cache"))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_mixed_batch_row_equals_row_alone(tiny_mlm_backbone, zoo, data):
-    bb = tiny_mlm_backbone
+def test_mixed_batch_row_equals_row_alone(mixed_backbone, zoo, data):
+    bb = mixed_backbone
     word = st.sampled_from(["good", "bad", "film", "not", "very", "it", "was", "zq", "!", "42"])
     text = st.lists(word, min_size=1, max_size=20).map(" ".join)
     rows = data.draw(st.lists(st.tuples(st.sampled_from(range(len(zoo))), text), min_size=1, max_size=12))

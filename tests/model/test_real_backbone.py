@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModel
+
 from lpt_serve.api.app import create_app
 from lpt_serve.api.settings import Settings
 from lpt_serve.model.adapter import load_adapter
@@ -11,8 +13,6 @@ from lpt_serve.model.backbone import Backbone, default_backbone_path
 from lpt_serve.model.engine import classify_rows, encode_texts
 from lpt_serve.paths import demo_adapters_dir
 from lpt_serve.serving.store import AdapterStore
-from transformers import AutoModel
-
 from tests.helpers import serving
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lpt_serve.api.routes.tasks import task_info
 from lpt_serve.serving.registry import Registry
 from lpt_serve.serving.store import AdapterStore
-
 from tests.helpers import make_adapter
 
 

@@ -12,7 +12,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from lpt_serve.errors import InvalidTaskName, LptServeError, NothingToRollBack, StoreError, TaskNotFound
+
+from lpt_serve.errors import (
+    InvalidTaskName,
+    LptServeError,
+    NothingToRollBack,
+    StoreError,
+    StoreUnwritable,
+    TaskNotFound,
+)
 from lpt_serve.format import CONFIG_NAME, TASK_NAME_PATTERN, WEIGHTS_NAME, validate_task_name
 from lpt_serve.serving import store as store_mod
 from lpt_serve.serving.store import AdapterStore, TaskRecord
@@ -119,7 +127,7 @@ def test_failed_write_leaves_no_staging(tmp_path: Path, monkeypatch: pytest.Monk
             raise OSError("disk full")
 
     monkeypatch.setattr(store_mod, "_crash_hook", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreUnwritable, match="disk full"):
         s.commit("t", cfg(2), weights(2))
     assert list((tmp_path / ".tmp").iterdir()) == []
     assert s.get("t").current == 1

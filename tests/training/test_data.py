@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from lpt_serve.training import data
 from lpt_serve.training.data import DATASETS, DataError, materialize, read_examples
 

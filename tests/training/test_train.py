@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from lpt_serve.model.adapter import load_adapter
 from lpt_serve.training.trainer import LowerCache, Trainer, TrainError, TrainSettings, classification_metrics, evaluate
 

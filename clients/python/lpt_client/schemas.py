@@ -17,6 +17,9 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
 # Use with `fullmatch`: `match` with `$` would accept a trailing newline ("mr\n").
 TASK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# The same rule for JSON Schema and pydantic `pattern=`, which search rather than match: anchored at both ends. Both
+# the OpenAPI reader (ECMA-262) and pydantic's Rust engine read `$` as the end of the text, never before a "\n".
+TASK_NAME_SCHEMA_PATTERN = f"^{TASK_NAME_PATTERN.pattern}$"
 
 
 def is_task_name(name: object) -> bool:
@@ -25,11 +28,15 @@ def is_task_name(name: object) -> bool:
 
 # -------------------------------------------------------------------------------------------------- requests
 class ClassifyRequest(BaseModel):
-    """Body of `POST /classify/{task}`: exactly one of `text` or `texts`."""
+    """Body of `POST /classify/{task}`: exactly one of `text` (one text) or `texts` (a non-empty list of texts);
+    both, neither, or `texts: []` is a 422. Every text needs a non-space character (422 otherwise) and at most
+    the server's LPT_MAX_TEXT_CHARS characters; `texts` holds at most LPT_MAX_TEXTS_PER_REQUEST texts (413
+    beyond either)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "a gripping, funny film"}]})
-    text: str | None = None
-    texts: list[str] | None = None
+    text: str | None = Field(None, description="one text to classify; give this or `texts`, not both")
+    texts: list[str] | None = Field(
+        None, description="several texts, classified in one call and answered in order; give this or `text`")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ClassifyRequest:
@@ -44,9 +51,11 @@ class ClassifyRequest(BaseModel):
 
 
 class MixedItem(BaseModel):
+    """One text for one task."""
+
     model_config = ConfigDict(extra="forbid")
-    task: str
-    text: str
+    task: str = Field(pattern=TASK_NAME_SCHEMA_PATTERN, description=f"a served task's name: {TASK_NAME_RULE}")
+    text: str = Field(description="the text to classify; at least one non-space character")
 
 
 class MixedRequest(BaseModel):
@@ -54,7 +63,8 @@ class MixedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"items": [{"task": "mr", "text": "a gripping film"}, {"task": "bbc", "text": "Shares fell"}]}]})
-    items: list[MixedItem] = Field(min_length=1)
+    items: list[MixedItem] = Field(
+        min_length=1, description="one prediction per item, in order; at most LPT_MAX_TEXTS_PER_REQUEST items (413)")
 
 
 # ------------------------------------------------------------------------------------------------- responses
@@ -97,6 +107,10 @@ class TaskInfo(BaseModel):
     parameters: int
     location: Literal["gpu", "cpu", "disk"]
     pinned: bool
+    # Defaults, so answers from servers that predate quarantine still parse.
+    quarantined: bool = Field(default=False, description="held out of every batch after failing passes in a row; "
+                                                         "an upload or rollback serves it again")
+    quarantine_reason: str | None = Field(default=None, description="why it is quarantined, when it is")
 
 
 class TaskList(BaseModel):

@@ -23,10 +23,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
 from lpt_serve.serving.batcher import BatchRecord
 from lpt_serve.serving.metrics import Metrics
 from lpt_serve.serving.registry import Registry
-from prometheus_client import CollectorRegistry
 
 QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 RECENT_BATCHES = 20
@@ -180,10 +181,16 @@ class Dashboard:
         window, base = self._sample(now, rows)
 
         served = {}
+        quarantine: dict[str, str] = {}
         registry = self.registry()
         if registry is not None:
             for s in registry.served():
                 served[s.task] = {"task": s.task, "version": s.version, "location": registry.location(s)}
+                reason = registry.quarantine_reason(s.adapter)
+                if reason is not None:
+                    # Only on the tasks it concerns, so a healthy entry keeps its three fields.
+                    served[s.task] |= {"quarantined": True, "quarantine_reason": reason}
+                    quarantine[s.task] = reason
 
         requests = snap.by("lpt_requests_total", "task", "status")
         errors = snap.by("lpt_errors_total", "task", "type")
@@ -197,6 +204,8 @@ class Dashboard:
             tasks.append({
                 "task": task,
                 "served": task in served,
+                "quarantined": task in quarantine,
+                "quarantine_reason": quarantine.get(task),
                 "version": served.get(task, {}).get("version"),
                 "location": served.get(task, {}).get("location"),
                 "requests": _num(sum(by_status.values())),

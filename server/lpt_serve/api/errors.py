@@ -3,6 +3,9 @@
 The layers below raise domain exceptions (`lpt_serve.errors`) that know no status; `ERROR_TABLE` gives each
 kind its status, `type` and, where it helps, a hint about which route to use next. FastAPI's own validation
 errors and anything unexpected (500: the trace goes to the log, never to the body) get the same shape.
+
+A message is capped at `MAX_MESSAGE_CHARS`: an adapter with 50,000 bad tensors is rejected with the first problems
+and a count of the rest, not with megabytes of text.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from lpt_client.schemas import ErrorResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from lpt_client.schemas import TASK_NAME_RULE, TASK_NAME_SCHEMA_PATTERN, ErrorResponse
 from lpt_serve.errors import (
     AdapterError,
     BackboneError,
@@ -32,7 +38,6 @@ from lpt_serve.errors import (
     TaskQuarantined,
     Unavailable,
 )
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +87,40 @@ def kind_of(exc: BaseException | type[BaseException]) -> ErrorKind:
     return INTERNAL
 
 
+MAX_MESSAGE_CHARS = 2000
+
+
+def cap_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message`, cut to `limit` characters with a count of what was cut."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}… ({len(message) - limit} more characters)"
+
+
+def summarize(problems: list[str], limit: int = MAX_MESSAGE_CHARS) -> str:
+    """As many whole problems as fit in `limit` characters, then how many more there were."""
+    shown: list[str] = []
+    used = 0
+    for i, problem in enumerate(problems):
+        if shown and used + 2 + len(problem) > limit:
+            rest = len(problems) - i
+            return "; ".join(shown) + f"; … ({rest} more problem{'s' if rest != 1 else ''})"
+        shown.append(problem if shown else cap_message(problem, limit))
+        used += len(shown[-1]) + (2 if i else 0)
+    return "; ".join(shown)
+
+
 def error_body(type_: str, message: str) -> dict:
-    return {"error": {"type": type_, "message": message}}
+    # A lone surrogate echoed from the input (a JSON key, a task name) cannot be encoded as UTF-8: escape it
+    # rather than fail while reporting the error.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"type": type_, "message": cap_message(message, MAX_MESSAGE_CHARS + 200)}}
 
 
 def error_response(exc: LptServeError) -> JSONResponse:
     kind = kind_of(exc)
-    message = kind.prefix + exc.message + (f"; {kind.hint}" if kind.hint else "")
+    detail = summarize(exc.problems) if isinstance(exc, AdapterError) else cap_message(exc.message)
+    message = kind.prefix + detail + (f"; {kind.hint}" if kind.hint else "")
     headers = {}
     if isinstance(exc, RetryLater):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -100,12 +132,61 @@ def statuses(*kinds: type[Exception]) -> dict[int, dict]:
     return {kind_of(cls).status: {"model": ErrorResponse} for cls in kinds}
 
 
+def _validation_problem(err: dict) -> str:
+    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+    ctx = err.get("ctx") or {}
+    if err.get("type") == "json_invalid":
+        # FastAPI puts the character offset where a field name would be.
+        return f"the body is not valid JSON (at character {where}): {ctx.get('error', 'cannot parse it')}"
+    if err.get("type") == "string_pattern_mismatch" and ctx.get("pattern") == TASK_NAME_SCHEMA_PATTERN:
+        return f"{where}: task name {err.get('input')!r} is invalid: use {TASK_NAME_RULE}"
+    return f"{where}: {err.get('msg')}"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request"
+    return summarize([_validation_problem(err) for err in exc.errors()]) or "invalid request"
+
+
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _routed(request: Request, **changes: str) -> Match:
+    """How well the app's routes match this request with `changes` (another method or path) applied."""
+    scope = {**request.scope, **changes}
+    matches = [route.matches(scope)[0] for route in request.app.router.routes]
+    return max(matches, key=lambda m: m.value, default=Match.NONE)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first matching route's)."""
+    return [method for method in HTTP_METHODS if _routed(request, method=method) == Match.FULL]
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (no route, wrong method, unparseable body, body over the cap) in our shape."""
+    headers = dict(getattr(exc, "headers", None) or {})
+    path = request.url.path
+    if exc.status_code == 404:
+        message = f"no route {request.method} {path}"
+        if path != "/" and path.endswith("/") and _routed(request, path=path.rstrip("/")) != Match.NONE:
+            # Slashes are not redirected: a 307 would make clients send a POST body twice.
+            message += f"; without the trailing slash: {path.rstrip('/')}"
+        return JSONResponse(error_body("not_found", message), status_code=404, headers=headers)
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = f"{request.method} is not allowed on {path}; allowed: {', '.join(allowed)}"
+        return JSONResponse(error_body("method_not_allowed", message), status_code=405, headers=headers)
+    if exc.status_code == 413:
+        # The rest of the body is not read: close rather than read and drop it to keep the connection.
+        headers["Connection"] = "close"
+        return JSONResponse(error_body("too_large", str(exc.detail)), status_code=413, headers=headers)
+    if exc.status_code == 400:
+        # Starlette's 400s all mean "the body could not be parsed" (a malformed multipart body): the documented
+        # answer to a malformed body is 422.
+        return JSONResponse(error_body("validation_error", f"the body could not be parsed: {exc.detail}"),
+                            status_code=422, headers=headers)
+    return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -121,9 +202,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return _http_error(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

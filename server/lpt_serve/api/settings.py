@@ -5,13 +5,15 @@ Bad settings fail at start with a sentence that says what to change.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lpt_serve.paths import default_store_dir, demo_adapters_dir
 from lpt_serve.serving.service import ServiceConfig
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -26,6 +28,11 @@ class Settings(BaseSettings):
     seed_demo_tasks: bool = Field(True, description="copy the shipped demo tasks (mr, bbc, tweets) into a new store")
     backbone: str | None = Field(None, description="local BERT/RoBERTa folder; default: the all-MiniLM-L6-v2 package")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "torch", description="who computes the encoder: torch, onnxruntime (fp32 on the CPU; exported to ONNX once "
+                             "and cached), or auto (onnxruntime where it can serve, torch otherwise)")
+    onnx_cache_dir: Path | None = Field(None, description="exported ONNX graphs (default: ~/.cache/lpt-serve/onnx)")
+    runtime_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: torch's)")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16 or bfloat16")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset turns admin routes off")
 
@@ -37,11 +44,20 @@ class Settings(BaseSettings):
     max_texts_per_request: int = Field(256, ge=1, description="texts or items in one request at most")
     max_text_chars: int = Field(100_000, ge=1, description="characters in one text at most (413 beyond)")
     max_length: int | None = Field(None, ge=8, description="tokens per text; longer texts are cut and flagged")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="bytes in a request body at most, admin uploads aside (413 beyond), "
+        "counted as they arrive; the default holds max_texts_per_request (256) texts of 16 KiB each: raise it with "
+        "either of those limits")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="size of an adapter upload at most (413)")
     device_budget_mb: float = Field(512.0, ge=0, description="adapter weights kept on the device; the rest on CPU")
     pinned_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="tasks never offloaded from the device")
     warmup: bool = Field(True, description="run one forward pass at start so /readyz means ready")
+    quarantine_after: int = Field(3, ge=1, description="failed passes in a row after which a task is held out of "
+                                                       "every batch until an upload or rollback")
+    keep_versions: int = Field(5, ge=0, description="stored versions kept per task, the served one included (the "
+                               "default 5 keeps it and 4 rollback targets); older ones are deleted after each "
+                               "upload; 0 keeps every version")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(True, description="one JSON object per log line")
 
@@ -67,6 +83,12 @@ class Settings(BaseSettings):
             raise ValueError(f"log level {value!r} is not one of debug, info, warning, error")
         return value.lower()
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value):
+        # LPT_ADMIN_TOKEN= (empty) in a compose file or a shell means "no token": admin routes off, as when unset.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("pinned_tasks", mode="before")
     @classmethod
     def _split_pinned(cls, value):
@@ -87,19 +109,16 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_batch_size ({self.max_batch_size})")
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
-            raise ValueError("admin_token must be at least 8 characters; generate one with `openssl rand -hex 16`")
+            raise ValueError("the admin token (--admin-token / LPT_ADMIN_TOKEN) must be at least 8 characters; "
+                             "generate one with `openssl rand -hex 16`")
         return self
 
     def admin_enabled(self) -> bool:
         return self.admin_token is not None and bool(self.admin_token.get_secret_value())
 
     def service_config(self) -> ServiceConfig:
-        """What the serving layer needs, and nothing of HTTP."""
-        return ServiceConfig(
-            store=self.store, seed_from=demo_adapters_dir() if self.seed_demo_tasks else None,
-            backbone=self.backbone, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens, max_wait_ms=self.max_wait_ms, max_queue=self.max_queue,
-            request_timeout_s=self.request_timeout_s, max_texts_per_request=self.max_texts_per_request,
-            max_text_chars=self.max_text_chars, max_length=self.max_length, device_budget_mb=self.device_budget_mb,
-            pinned_tasks=tuple(self.pinned_tasks), warmup=self.warmup,
-        )
+        """What the serving layer needs, and nothing of HTTP: every field the two share, by name."""
+        names = [f.name for f in dataclasses.fields(ServiceConfig) if f.name in type(self).model_fields]
+        shared = {name: getattr(self, name) for name in names}
+        shared |= {"pinned_tasks": tuple(self.pinned_tasks), "keep_versions": self.keep_versions or None}
+        return ServiceConfig(**shared, seed_from=demo_adapters_dir() if self.seed_demo_tasks else None)

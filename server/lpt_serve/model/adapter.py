@@ -3,15 +3,29 @@
 A directory like PEFT's: `adapter_config.json` (sorted, indented) and `adapter_model.safetensors`
 (contiguous tensors, `{"format": "pt"}` metadata). Weights are read with safetensors only: nothing is ever
 unpickled, so a pickled checkpoint is refused as "not a safetensors file".
+
+An upload is untrusted, and one adapter must never cost the server more than the adapter it describes. So every
+knob is bounded (below, and against the served backbone in `check_adapter`), the config's size is checked before
+it is parsed, and the weights' names, dtypes and shapes are read from the safetensors header and compared with
+shapes computed from the config by arithmetic: nothing is allocated until the adapter is known to fit.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
 from lpt_serve.errors import AdapterError, InvalidTaskName
 from lpt_serve.format import (
     CONFIG_NAME,
@@ -24,11 +38,26 @@ from lpt_serve.format import (
 )
 from lpt_serve.model.generators import build_generator
 from lpt_serve.model.heads import LinearHead, VerbalizerHead
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
-from torch import nn
+
+# ------------------------------------------------------------------------------------------------- bounds
+# What one adapter may ask of the server. Each is far above what training produces (the demo tasks: 2-5 labels,
+# prompt length 5, bottleneck 128, no template, a 300-byte training record) and far below what hurts a server.
+MAX_CONFIG_BYTES = 256 * 1024  # checked before parsing; also caps the `training` record and the fingerprint
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 200
+MAX_LABEL_WORD_CHARS = 50  # a label word must be one token anyway; this only bounds the work to find out
+MAX_PROMPT_LENGTH = 64  # prompt slots take no positions, but every row of a batch carries the longest prompt
+MAX_TEMPLATE_CHARS = 4096  # a cheap cap before tokenizing; the real limit is in tokens, against the backbone
+MAX_BOTTLENECK_PER_HIDDEN = 4  # bottleneck <= 4 * hidden size: NPG's up-projection is L * h * d weights
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header for a handful of tensors is a few hundred bytes
+MIN_TEXT_TOKENS = 1  # what a row must keep of its text after specials and template
+
+# Strict: JSON `true` is not 1, `1.0` is not 1 and `"5"` is not 5 (pydantic's lax mode would take all three).
+Count = Annotated[int, Field(strict=True)]
+Text = Annotated[str, Field(strict=True)]
+Label = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LABEL_CHARS)]
+LabelWord = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LABEL_WORD_CHARS)]
+Template = Annotated[str, Field(strict=True, max_length=MAX_TEMPLATE_CHARS)]
 
 
 class AdapterConfig(BaseModel):
@@ -36,20 +65,20 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = FORMAT_VERSION
-    task: str
-    labels: list[str] = Field(min_length=2)
+    format_version: Count = FORMAT_VERSION
+    task: Text
+    labels: list[Label] = Field(min_length=2, max_length=MAX_LABELS)
     method: Literal["lpt", "prompt"] = "lpt"
     generator: Literal["npg", "mppg", "appg", "static"] = "npg"
-    prompt_layer: int = Field(ge=0)
-    prompt_length: int = Field(ge=1, le=256)
-    bottleneck: int = Field(default=128, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    prompt_layer: Count = Field(ge=0)
+    prompt_length: Count = Field(ge=1, le=MAX_PROMPT_LENGTH)
+    bottleneck: Count = Field(default=128, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, strict=True)
     head: Literal["linear", "verbalizer"] = "linear"
     pooling: Literal["mean", "cls", "mean_prompt"] = "mean"
-    template: str | None = None
-    label_words: list[str] | None = None
-    max_length: int | None = Field(default=None, ge=8)
+    template: Template | None = None
+    label_words: Annotated[list[LabelWord], Field(max_length=MAX_LABELS)] | None = None
+    max_length: Count | None = Field(default=None, ge=8)
     backbone: Fingerprint
     training: dict[str, Any] | None = None
 
@@ -86,16 +115,28 @@ class AdapterConfig(BaseModel):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> AdapterConfig:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+        data = parse_config_json(text)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise AdapterError([_pydantic_problem(e) for e in exc.errors()]) from exc
+
+
+def parse_config_json(text: str | bytes) -> dict[str, Any]:
+    """The config's JSON object, its size checked before parsing (AdapterError otherwise)."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_NAME} is {len(raw)} bytes; at most {MAX_CONFIG_BYTES} (the training record "
+                           "belongs in a summary, not the whole log)")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # bad JSON or UTF-8, or an integer over Python's 4,300 digits
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise AdapterError(f"{CONFIG_NAME} nests too deeply to parse") from exc
+    if not isinstance(data, dict):
+        raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    return data
 
 
 def _pydantic_problem(err: dict) -> str:
@@ -165,8 +206,145 @@ def label_word_ids(config: AdapterConfig, tokenizer) -> tuple[list[int] | None, 
     return ids, problems
 
 
-def check_adapter(config: AdapterConfig, tensors: dict[str, torch.Tensor], backbone) -> list[str]:
-    """Every reason this adapter cannot run on `backbone`, each a sentence; empty when it fits."""
+# ----------------------------------------------------------------------------------------- rows and templates
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens before and after one sequence ([CLS] x [SEP], <s> x </s>), read off the tokenizer
+    itself because transformers 5 dropped build_inputs_with_special_tokens."""
+    around = tokenizer("", add_special_tokens=True)["input_ids"]
+    return around[:1], around[1:]
+
+
+def template_token_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """The template's own tokens before and after `{text}`, `<mask>` as the tokenizer's mask token."""
+    if template is None:
+        return [], []
+    prefix, suffix = template.split(TEXT_SLOT, 1)
+    prefix = prefix.replace(MASK_SLOT, tokenizer.mask_token or MASK_SLOT)
+    suffix = suffix.replace(MASK_SLOT, tokenizer.mask_token or MASK_SLOT)
+    prefix_ids = tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"] if prefix.strip() else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+    return prefix_ids, suffix_ids
+
+
+def max_template_tokens(backbone) -> int:
+    """A template may take at most half the backbone's positions, so every row keeps the other half for its text."""
+    return backbone.max_length // 2
+
+
+def _template_problems(config: AdapterConfig, backbone) -> list[str]:
+    tok = backbone.tokenizer
+    prefix, suffix = template_token_ids(tok, config.template)
+    head, tail = special_tokens(tok)
+    own = len(prefix) + len(suffix)
+    problems = []
+    if own > max_template_tokens(backbone):
+        problems.append(f"template is {own} tokens; at most {max_template_tokens(backbone)} (half of the "
+                        f"backbone's {backbone.max_length} positions, so the text keeps the other half)")
+    elif config.max_length is not None:
+        limit = min(config.max_length, backbone.max_length)
+        room = limit - len(head) - len(tail) - own
+        if room < MIN_TEXT_TOKENS:
+            problems.append(f"max_length {config.max_length} leaves no room for text after the template's {own} "
+                            f"tokens and {len(head) + len(tail)} special tokens")
+    if config.head == "verbalizer" and tok.mask_token_id is not None:
+        masks = (prefix + suffix).count(tok.mask_token_id)
+        if masks != 1:
+            problems.append(f"template holds {masks} mask tokens once tokenized; a verbalizer needs exactly one")
+    return problems
+
+
+# -------------------------------------------------------------------------------------------- weights format
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as its safetensors header describes it: dtype name (F32, BF16, ...) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_TORCH_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+
+
+def _spec(tensor: torch.Tensor | TensorSpec) -> TensorSpec:
+    if isinstance(tensor, TensorSpec):
+        return tensor
+    return TensorSpec(_TORCH_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
+
+
+def _refuse_pickles(data: bytes) -> None:
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        raise AdapterError(f"{WEIGHTS_NAME} is a pickle/zip checkpoint; only safetensors is accepted")
+
+
+def read_header(data: bytes) -> dict[str, TensorSpec]:
+    """Every tensor's dtype and shape from the safetensors header (8-byte little-endian length, then JSON),
+    without reading or allocating any tensor; AdapterError if the file is not a consistent safetensors file."""
+    _refuse_pickles(data)
+    bad = f"{WEIGHTS_NAME} is not a valid safetensors file"
+    if len(data) < 8:
+        raise AdapterError(f"{bad}: {len(data)} bytes, too short for the header's length")
+    size = int.from_bytes(data[:8], "little")
+    if size > MAX_HEADER_BYTES:
+        raise AdapterError(f"{bad}: its header claims {size} bytes; at most {MAX_HEADER_BYTES}")
+    if 8 + size > len(data):
+        raise AdapterError(f"{bad}: its header runs past the end of the file")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (ValueError, RecursionError) as exc:
+        raise AdapterError(f"{bad}: its header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise AdapterError(f"{bad}: its header is not a JSON object")
+    body = len(data) - 8 - size
+    specs: dict[str, TensorSpec] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise AdapterError(f"{bad}: tensor {name!r} has a malformed header entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(dtype, str) or not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2
+                or not offsets[0] <= offsets[1] <= body):
+            raise AdapterError(f"{bad}: tensor {name!r} has a malformed header entry")
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise AdapterError(f"{bad}: tensor {name!r} has unknown dtype {dtype!r}")
+        if math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise AdapterError(f"{bad}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, not the size of "
+                               f"a {dtype} tensor of shape {shape}")
+        specs[name] = TensorSpec(dtype, tuple(shape))
+    return specs
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+
+
+def expected_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a `TaskAdapter(config)` saves, by arithmetic: nothing is built or allocated.
+    Mirrors `generators.build_generator` and `heads`; a test holds the two together."""
+    h, length, d = config.backbone.hidden_size, config.prompt_length, config.bottleneck
+    if config.generator == "npg":
+        shapes = {"generator.down.weight": (d, h), "generator.down.bias": (d,),
+                  "generator.up.weight": (length * h, d), "generator.up.bias": (length * h,)}
+    elif config.generator in ("mppg", "appg"):
+        shapes = {"generator.down.weight": (d, h), "generator.down.bias": (d,),
+                  "generator.up.weight": (h, d), "generator.up.bias": (h,)}
+    else:
+        shapes = {"generator.prompt": (length, h)}
+    if config.head == "linear":
+        shapes |= {"head.classifier.weight": (len(config.labels), h), "head.classifier.bias": (len(config.labels),)}
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------- the check
+def check_adapter(config: AdapterConfig, tensors: Mapping[str, torch.Tensor | TensorSpec], backbone) -> list[str]:
+    """Every reason this adapter cannot run on `backbone`, each a sentence; empty when it fits.
+
+    `tensors` may be the header's `TensorSpec`s (names, dtypes and shapes are checked, nothing is allocated) or
+    loaded tensors (their values are checked too).
+    """
     problems: list[str] = []
     fp, mine = backbone.fingerprint, config.backbone
     if mine.name != fp.name:
@@ -182,33 +360,51 @@ def check_adapter(config: AdapterConfig, tensors: dict[str, torch.Tensor], backb
         )
     if not 0 <= config.prompt_layer < fp.num_layers:
         problems.append(f"prompt layer {config.prompt_layer} is out of range 0..{fp.num_layers - 1} for this backbone")
+    widest = MAX_BOTTLENECK_PER_HIDDEN * fp.hidden_size
+    if config.bottleneck > widest:
+        problems.append(f"bottleneck {config.bottleneck} is over {widest} ({MAX_BOTTLENECK_PER_HIDDEN} x the "
+                        f"backbone's hidden size {fp.hidden_size})")
     if config.head == "verbalizer" and getattr(backbone, "mlm_head", None) is None:
         problems.append("the verbalizer head needs a backbone with an MLM head; this one has none (use a linear head)")
-    word_ids, word_problems = label_word_ids(config, backbone.tokenizer)
+    problems += _template_problems(config, backbone)
+    _, word_problems = label_word_ids(config, backbone.tokenizer)
     problems += word_problems
     if problems:
         # Shapes below derive from the config, so they would only repeat the mismatch above.
         return problems
-    expected = {k: tuple(v.shape) for k, v in TaskAdapter(config, word_ids).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    expected = expected_shapes(config)
+    got = {name: _spec(t) for name, t in tensors.items()}
     for name in sorted(expected.keys() - got.keys()):
         problems.append(f"tensor {name!r} is missing")
     for name in sorted(got.keys() - expected.keys()):
         problems.append(f"tensor {name!r} is not part of a {config.generator}/{config.head} adapter")
     for name in sorted(expected.keys() & got.keys()):
-        if expected[name] != got[name]:
-            problems.append(f"tensor {name!r} has shape {list(got[name])}, expected {list(expected[name])}")
+        if expected[name] != got[name].shape:
+            problems.append(f"tensor {name!r} has shape {list(got[name].shape)}, expected {list(expected[name])}")
+    for name, spec in got.items():
+        if spec.dtype not in FLOAT_DTYPES:
+            problems.append(f"tensor {name!r} has dtype {spec.dtype}, expected a floating point type")
+    if not problems:
+        loaded = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+        problems += value_problems(loaded, getattr(backbone, "dtype", torch.float32))
+    return problems
+
+
+def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dtype) -> list[str]:
+    """Weights must be finite, and stay finite in the dtype the server runs them in (1e5 is inf in float16)."""
+    problems = []
     for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            problems.append(f"tensor {name!r} has dtype {tensor.dtype}, expected a floating point type")
-        elif not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor).all():
             problems.append(f"tensor {name!r} holds NaN or infinite values")
+        elif tensor.dtype != serving_dtype and not torch.isfinite(tensor.to(serving_dtype)).all():
+            limit = torch.finfo(serving_dtype).max
+            problems.append(f"tensor {name!r} holds values beyond {serving_dtype}'s range (+-{limit:.4g}), the "
+                            "dtype this server runs adapters in")
     return problems
 
 
 def parse_weights(data: bytes) -> dict[str, torch.Tensor]:
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise AdapterError(f"{WEIGHTS_NAME} is a pickle/zip checkpoint; only safetensors is accepted")
+    _refuse_pickles(data)
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, Exception) as exc:  # safetensors raises assorted types on garbage input
@@ -216,10 +412,17 @@ def parse_weights(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def build_adapter(config_bytes: bytes | str, weights_bytes: bytes, backbone) -> TaskAdapter:
-    """Parse, check against the backbone and build a ready adapter, or raise AdapterError naming every problem."""
+    """Parse, check against the backbone and build a ready adapter, or raise AdapterError naming every problem.
+
+    Names, dtypes and shapes are checked from the header before any tensor is read, so a config that describes
+    a huge adapter next to small weights is refused before anything of its size exists.
+    """
     config = AdapterConfig.from_json(config_bytes)
-    tensors = parse_weights(weights_bytes)
-    problems = check_adapter(config, tensors, backbone)
+    problems = check_adapter(config, read_header(weights_bytes), backbone)
+    if problems:
+        raise AdapterError(problems)
+    tensors = parse_weights(weights_bytes)  # the header said what these are; only their values are left to check
+    problems = value_problems(tensors, getattr(backbone, "dtype", torch.float32))
     if problems:
         raise AdapterError(problems)
     word_ids, _ = label_word_ids(config, backbone.tokenizer)

@@ -1,8 +1,9 @@
 """The frozen encoder with a split forward: embeddings -> layers 1..k -> prompts in -> layers k+1..N -> head.
 
-One `Backbone` is loaded per process. Device and dtype are decided here and nowhere else, gradients are
-turned off for every backbone weight, and the model stays in eval mode, so the lower layers are a pure
-function of the tokens (which is what lets the trainer cache them and the server share them between rows).
+One `Backbone` is loaded per process. Device, dtype and runtime (torch or ONNX Runtime, see runtime.py) are
+decided here and nowhere else, gradients are turned off for every backbone weight, and the model stays in eval
+mode, so the lower layers are a pure function of the tokens (which is what lets the trainer cache them and the
+server share them between rows).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import logging
 from pathlib import Path
 
 import torch
-from lpt_serve.errors import BackboneError
-from lpt_serve.format import Fingerprint, vocab_hash
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from lpt_serve.errors import BackboneError
+from lpt_serve.format import Fingerprint, vocab_hash
+from lpt_serve.model.runtime import RUNTIMES, EncoderRuntime, OnnxRuntime, TorchRuntime, missing_onnx_packages
+from lpt_serve.model.runtime import additive_mask as additive_mask  # re-exported: the mask's one definition
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S] 0/1 mask -> [B, 1, 1, S] additive mask (0 keeps, dtype-min drops), the form every attention kernel takes.
+def resolve_runtime(runtime: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """"torch" or "onnxruntime" for a backbone on `device` in `dtype`.
 
-    transformers 5 removed `get_extended_attention_mask`, so we build it here.
+    "auto" picks onnxruntime where it can serve (fp32 on the CPU, packages installed), torch otherwise (CUDA,
+    half precision, or onnxruntime missing). Asking for onnxruntime where it cannot serve is an error.
     """
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    runtime = runtime or "auto"
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch"
+    unfit = None
+    if device.type != "cpu":
+        unfit = f"it runs on the CPU here, and the backbone is on {device}"
+    elif dtype != torch.float32:
+        unfit = f"it serves float32 only, and the backbone is {str(dtype).removeprefix('torch.')}"
+    elif missing := missing_onnx_packages():
+        unfit = f"{', '.join(missing)} is not installed (pip install onnxruntime onnx onnxscript)"
+    if unfit is None:
+        return "onnxruntime"
+    if runtime == "auto":
+        return "torch"
+    raise BackboneError(f"the onnxruntime runtime was asked for, but {unfit}: use runtime auto or torch")
 
 
 class Backbone(nn.Module):
@@ -122,6 +143,8 @@ class Backbone(nn.Module):
         offset = int(getattr(self.config, "pad_token_id", 0) or 0) + 1 if self.config.model_type != "bert" else 0
         tok_max = int(getattr(tokenizer, "model_max_length", max_positions) or max_positions)
         self.max_length = min(tok_max, max_positions - offset)
+        self._torch_runtime = TorchRuntime(encoder.embeddings, self.layers)
+        self._runtime: EncoderRuntime = self._torch_runtime
         self.freeze()
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -133,8 +156,16 @@ class Backbone(nn.Module):
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         with_mlm_head: bool | None = None,
+        runtime: str = "torch",
+        onnx_cache_dir: str | Path | None = None,
+        runtime_threads: int | None = None,
+        runtime_spinning: bool = True,
     ) -> Backbone:
-        """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one."""
+        """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one.
+
+        `runtime`: who computes the encoder (see `use_runtime`); "auto" is onnxruntime for fp32 on the CPU when it
+        is installed, torch otherwise. `onnx_cache_dir`, `runtime_threads`, `runtime_spinning`: see `use_runtime`.
+        """
         quiet_transformers()
         folder = Path(path) if path is not None else default_backbone_path()
         if not (folder / "config.json").is_file():
@@ -159,10 +190,49 @@ class Backbone(nn.Module):
         name = _model_name(folder, config)
         bb = cls(encoder, tokenizer, mlm_head=head, name=name)
         bb.to(dev)
+        bb.use_runtime(runtime, cache_dir=onnx_cache_dir, threads=runtime_threads, spinning=runtime_spinning)
         log.info("backbone loaded", extra={
             "backbone": name, "device": str(dev), "dtype": str(torch_dtype), "layers": bb.num_layers,
-            "hidden": bb.hidden_size, "mlm_head": head is not None})
+            "hidden": bb.hidden_size, "mlm_head": head is not None, "runtime": bb.runtime.name})
         return bb
+
+    # ----------------------------------------------------------------------------------------------- runtime
+    @property
+    def runtime(self) -> EncoderRuntime:
+        """Who computes the embeddings and layers now: `.name` is "torch" or "onnxruntime"."""
+        return self._runtime
+
+    def use_runtime(self, runtime: str = "auto", *, cache_dir: str | Path | None = None, threads: int | None = None,
+                    spinning: bool = True, progress: bool = True) -> str:
+        """Switch who computes the encoder; return the runtime's name ("torch" or "onnxruntime").
+
+        onnxruntime serves inference only: a call that gradients must flow through (grad mode on and hidden states
+        that require grad) always runs on torch, and `unfreeze` switches back to torch for good, because the ONNX
+        graphs hold a copy of the weights taken at export. `cache_dir` (default: the per-user cache directory)
+        holds the exported graphs; `threads` is ONNX Runtime's intra-op thread count (default: torch's);
+        `spinning=False` makes its idle worker threads sleep at once instead of spin-waiting (ORT's default), which
+        leaves the cores to other work between runs.
+        "auto" falls back to torch, with a warning, when the export fails; "onnxruntime" raises BackboneError.
+        """
+        choice = resolve_runtime(runtime, self.device, self.dtype)
+        if choice == "onnxruntime" and getattr(self, "_trainable", False):
+            if runtime != "auto":
+                raise BackboneError("this backbone's weights are being fine-tuned (unfreeze): the onnxruntime "
+                                    "runtime would serve a stale copy of them; use the torch runtime")
+            choice = "torch"
+        if choice == "torch":
+            self._runtime = self._torch_runtime
+            return self._runtime.name
+        try:
+            self._runtime = OnnxRuntime.build(
+                self.encoder.embeddings, self.layers, fingerprint=self.fingerprint, config=self.config,
+                cache_dir=cache_dir, threads=threads, spinning=spinning, progress=progress)
+        except BackboneError as exc:
+            if runtime != "auto":
+                raise
+            log.warning("onnxruntime is unavailable for this backbone, using torch: %s", exc)
+            self._runtime = self._torch_runtime
+        return self._runtime.name
 
     def freeze(self) -> None:
         self.eval()
@@ -176,6 +246,8 @@ class Backbone(nn.Module):
     def unfreeze(self) -> None:
         """For `--method full` only: make every weight trainable and allow dropout."""
         self._trainable = True
+        # The ONNX graphs hold the weights as they were at export; training changes them.
+        self._runtime = self._torch_runtime
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -201,18 +273,17 @@ class Backbone(nn.Module):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        return self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self._runtime.embed(input_ids, token_type_ids)
 
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run layers with 0-based indices [start, stop) under a [B, S] 0/1 mask."""
         if start >= stop:
             return hidden
-        ext = additive_mask(mask, hidden.dtype)
-        for layer in self.layers[start:stop]:
-            out = layer(hidden, attention_mask=ext)
-            # transformers 4.x layers return a tuple, 5.x a tensor.
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        runtime = self._runtime
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # The trainer's pass through the prompts: only torch records the graph the backward pass needs.
+            runtime = self._torch_runtime
+        return runtime.run_layers(hidden, mask, start, stop)
 
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int,
               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

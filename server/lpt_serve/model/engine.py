@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from lpt_serve.format import MASK_SLOT, TEXT_SLOT
-from lpt_serve.model.adapter import TaskAdapter
+
+from lpt_serve.model.adapter import TaskAdapter, special_tokens, template_token_ids
 from lpt_serve.model.backbone import Backbone
 
 
@@ -38,31 +38,35 @@ class Encoded:
 
 def encode_texts(backbone: Backbone, texts: Sequence[str], template: str | None = None,
                  max_length: int | None = None) -> list[Encoded]:
-    """Tokenize texts into a task's template, cutting the text (never the template) to fit the backbone."""
+    """Tokenize texts into a task's template, cutting the text (never the template) to fit the backbone.
+
+    Every row fits the backbone's positions: `check_adapter` keeps a template to half of them, and a template
+    that leaves no token for the text is refused here rather than sent into a pass it would break.
+    """
     tok = backbone.tokenizer
     limit = min(max_length or backbone.max_length, backbone.max_length)
-    prefix_ids: list[int] = []
-    suffix_ids: list[int] = []
-    if template is not None:
-        prefix, suffix = template.split(TEXT_SLOT, 1)
-        prefix = prefix.replace(MASK_SLOT, tok.mask_token or MASK_SLOT)
-        suffix = suffix.replace(MASK_SLOT, tok.mask_token or MASK_SLOT)
-        prefix_ids = tok(prefix.rstrip(), add_special_tokens=False)["input_ids"] if prefix.strip() else []
-        suffix_ids = tok(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
-    # The special tokens around one sequence ([CLS] x [SEP], <s> x </s>), read off the tokenizer itself because
-    # transformers 5 dropped build_inputs_with_special_tokens.
-    around = tok("", add_special_tokens=True)["input_ids"]
-    head_specials, tail_specials = around[:1], around[1:]
-    specials = len(around)
-    budget = max(1, limit - specials - len(prefix_ids) - len(suffix_ids))
+    prefix_ids, suffix_ids = template_token_ids(tok, template)
+    head_specials, tail_specials = special_tokens(tok)
+    fixed = len(head_specials) + len(prefix_ids) + len(suffix_ids) + len(tail_specials)
+    if fixed + 1 > backbone.max_length:
+        raise ValueError(f"the template takes {fixed - len(head_specials) - len(tail_specials)} tokens, leaving no "
+                         f"room for text in the backbone's {backbone.max_length} positions")
+    budget = max(1, limit - fixed)
+    # The mask is found in the template's own tokens, so a `[MASK]` typed in the text is never taken for it.
+    mask_id = tok.mask_token_id if template is not None else None
+    in_prefix = prefix_ids.index(mask_id) if mask_id is not None and mask_id in prefix_ids else None
+    in_suffix = suffix_ids.index(mask_id) if mask_id is not None and mask_id in suffix_ids else None
     body = tok(list(texts), add_special_tokens=False)["input_ids"]
     out = []
     for ids in body:
         truncated = len(ids) > budget
-        full = head_specials + prefix_ids + ids[:budget] + suffix_ids + tail_specials
+        kept = ids[:budget]
+        full = head_specials + prefix_ids + kept + suffix_ids + tail_specials
         mask_pos = None
-        if template is not None and tok.mask_token_id is not None and tok.mask_token_id in full:
-            mask_pos = full.index(tok.mask_token_id)
+        if in_prefix is not None:
+            mask_pos = len(head_specials) + in_prefix
+        elif in_suffix is not None:
+            mask_pos = len(head_specials) + len(prefix_ids) + len(kept) + in_suffix
         out.append(Encoded(tuple(full), truncated, mask_pos))
     return out
 
@@ -86,8 +90,39 @@ class TaskGroup:
     mask_positions: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TaskFault:
+    """Why one task's rows have no answer from a pass: its own generator or head raised (`error`), or its outputs
+    are unusable. The message names the stage, never the exception's text (that goes to the log only)."""
+
+    task: str
+    stage: str  # "rows", "generator", "head", "outputs" or "pass" (it raised when run alone)
+    error: BaseException | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        if self.stage == "outputs":
+            return self.detail or "its probabilities are not finite (NaN or infinite)"
+        what = {"pass": "its rows failed in a pass of their own", "rows": "its rows could not be grouped"}.get(
+            self.stage, f"its {self.stage} raised")
+        if self.error is not None:
+            what += f" ({type(self.error).__name__})"
+        return what + (f": {self.detail}" if self.detail else "")
+
+
+# Faults collected during an isolated pass, by id(adapter); None: let every exception propagate (the trainer).
+Faults = dict[int, TaskFault] | None
+
+
+def _record(faults: dict[int, TaskFault], adapter: TaskAdapter, stage: str, error: BaseException) -> None:
+    # Running out of memory says nothing about the task whose module happened to be running: never blame it.
+    if isinstance(error, torch.OutOfMemoryError):
+        raise error
+    faults[id(adapter)] = TaskFault(adapter.task, stage, error)
+
+
 def group_by_task(adapters: Sequence[TaskAdapter], mask_positions: Sequence[int | None] | None = None,
-                  device: torch.device | None = None) -> list[TaskGroup]:
+                  device: torch.device | None = None, faults: Faults = None) -> list[TaskGroup]:
     """Runs of rows per adapter (LoRAX-style segments): each generator and head runs once per task, not per row."""
     by_adapter: dict[int, list[int]] = {}
     order: dict[int, TaskAdapter] = {}
@@ -100,6 +135,9 @@ def group_by_task(adapters: Sequence[TaskAdapter], mask_positions: Sequence[int 
         positions = None
         if adapter.config.head == "verbalizer":
             if mask_positions is None or any(mask_positions[i] is None for i in rows):
+                if faults is not None:
+                    faults[key] = TaskFault(adapter.task, "rows", detail="a row has no <mask> position")
+                    continue
                 raise ValueError(f"task {adapter.task!r} needs a <mask> position on every row")
             positions = torch.tensor([mask_positions[i] for i in rows], dtype=torch.long, device=device)
         groups.append(TaskGroup(adapter, torch.tensor(rows, dtype=torch.long, device=device), positions))
@@ -113,6 +151,13 @@ def upper_forward(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Te
     Every group's prompt layer must be >= start_layer. Used by the server (after the shared lower layers)
     and by the trainer (on cached lower layers, with gradients through generator and head).
     """
+    return _upper(backbone, hidden, token_mask, start_layer, groups, None)  # type: ignore[return-value]
+
+
+def _upper(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Tensor, start_layer: int,
+           groups: Sequence[TaskGroup], faults: Faults) -> list[torch.Tensor | None]:
+    """`upper_forward`; with `faults`, a group whose generator or head raises is recorded there, its logits are
+    None and the pass goes on for the others (its rows stay in the batch, unprompted, and are never read)."""
     batch, seq, width = hidden.shape
     slots = max(g.adapter.config.prompt_length for g in groups)
     if any(g.adapter.config.prompt_layer < start_layer for g in groups):
@@ -123,18 +168,40 @@ def upper_forward(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Te
         for g in groups:
             if g.adapter.config.prompt_layer != layer:
                 continue
-            length = g.adapter.config.prompt_length
-            prompt = g.adapter.generate(h[g.rows, slots:], token_mask[g.rows]).to(h.dtype)  # [n, L, H]
-            # Out of place, so autograd keeps the layer outputs it saved for the backward pass.
-            row_idx = g.rows.view(-1, 1).expand(-1, length)
-            slot_idx = torch.arange(length, device=h.device).view(1, -1).expand(len(g.rows), -1)
-            h = h.index_put((row_idx, slot_idx), prompt)
-            prompt_mask = prompt_mask.index_put((row_idx, slot_idx), torch.ones_like(slot_idx, dtype=prompt_mask.dtype))
+            try:
+                h, prompt_mask = _insert_prompt(g, h, prompt_mask, token_mask, slots)
+            except Exception as exc:
+                if faults is None:
+                    raise
+                _record(faults, g.adapter, "generator", exc)
         h = backbone.run_layers(h, torch.cat([prompt_mask, token_mask], dim=1), layer, layer + 1)
-    return [
-        g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions, backbone)
-        for g in groups
-    ]
+    logits: list[torch.Tensor | None] = []
+    for g in groups:
+        if faults is not None and id(g.adapter) in faults:
+            logits.append(None)
+            continue
+        try:
+            logits.append(g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions,
+                                           backbone))
+        except Exception as exc:
+            if faults is None:
+                raise
+            _record(faults, g.adapter, "head", exc)
+            logits.append(None)
+    return logits
+
+
+def _insert_prompt(g: TaskGroup, h: torch.Tensor, prompt_mask: torch.Tensor, token_mask: torch.Tensor,
+                   slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's prompt into its rows' first L slots, and those slots unmasked."""
+    length = g.adapter.config.prompt_length
+    prompt = g.adapter.generate(h[g.rows, slots:], token_mask[g.rows]).to(h.dtype)  # [n, L, H]
+    # Out of place, so autograd keeps the layer outputs it saved for the backward pass.
+    row_idx = g.rows.view(-1, 1).expand(-1, length)
+    slot_idx = torch.arange(length, device=h.device).view(1, -1).expand(len(g.rows), -1)
+    h = h.index_put((row_idx, slot_idx), prompt)
+    prompt_mask = prompt_mask.index_put((row_idx, slot_idx), torch.ones_like(slot_idx, dtype=prompt_mask.dtype))
+    return h, prompt_mask
 
 
 @torch.inference_mode()
@@ -143,26 +210,63 @@ def classify_rows(backbone: Backbone, adapters: Sequence[TaskAdapter],
     """Class probabilities for each row (each its own task), in row order, from one mixed pass.
 
     Rows with identical token ids (one text asked of several tasks with the same template) run the layers
-    below the lowest prompt layer once.
+    below the lowest prompt layer once. Any failure fails the whole call; see `classify_rows_isolated`.
     """
+    return _classify(backbone, adapters, encoded, None)  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def classify_rows_isolated(backbone: Backbone, adapters: Sequence[TaskAdapter],
+                           encoded: Sequence[Encoded]) -> list[torch.Tensor | TaskFault]:
+    """`classify_rows` where one task cannot fail or change another: a task whose generator or head raises, or
+    whose head gives the wrong number of scores, answers a `TaskFault` on each of its rows; a row whose
+    probabilities are not finite answers one too. Every other row is exactly what `classify_rows` gives.
+
+    This works without a retry because a row only ever attends to itself: a task's NaN prompt reaches no other
+    task's rows. What raises outside any one task's modules (the backbone itself) still raises.
+    """
+    faults: dict[int, TaskFault] = {}
+    probs = _classify(backbone, adapters, encoded, faults)
+    out: list[torch.Tensor | TaskFault] = []
+    for adapter, p in zip(adapters, probs, strict=True):
+        fault = faults.get(id(adapter))
+        if fault is not None:
+            out.append(fault)
+        elif p is None or not bool(torch.isfinite(p).all()):
+            out.append(TaskFault(adapter.task, "outputs"))
+        else:
+            out.append(p)
+    return out
+
+
+def _classify(backbone: Backbone, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded],
+              faults: Faults) -> list[torch.Tensor | None]:
     if len(adapters) != len(encoded):
         raise ValueError("one adapter per row")
     if not encoded:
         return []
     device = backbone.device
+    groups = group_by_task(adapters, [e.mask_position for e in encoded], device, faults)
+    probs: list[torch.Tensor | None] = [None] * len(encoded)
+    if not groups:
+        return probs
     unique: dict[tuple[int, ...], int] = {}
     row_to_unique = [unique.setdefault(e.input_ids, len(unique)) for e in encoded]
     ids, mask = pad_rows(list(unique.keys()), backbone.tokenizer.pad_token_id or 0)
     ids, mask = ids.to(device), mask.to(device)
-    start = min(a.config.prompt_layer for a in adapters)
+    start = min(g.adapter.config.prompt_layer for g in groups)
     shared = backbone.lower(ids, mask, upto=start)  # [U, S, H]
     index = torch.tensor(row_to_unique, dtype=torch.long, device=device)
     hidden, token_mask = shared[index], mask[index]
-    groups = group_by_task(adapters, [e.mask_position for e in encoded], device)
-    logits = upper_forward(backbone, hidden, token_mask, start, groups)
-    probs: list[torch.Tensor | None] = [None] * len(encoded)
+    logits = _upper(backbone, hidden, token_mask, start, groups, faults)
     for g, lg in zip(groups, logits, strict=True):
+        if lg is None:
+            continue
+        if faults is not None and tuple(lg.shape) != (len(g.rows), len(g.adapter.labels)):
+            faults[id(g.adapter)] = TaskFault(g.adapter.task, "head", detail=(
+                f"it gave scores of shape {list(lg.shape)} for {len(g.rows)} rows of {len(g.adapter.labels)} labels"))
+            continue
         p = torch.softmax(lg.float(), dim=-1).cpu()
         for j, row in enumerate(g.rows.tolist()):
             probs[row] = p[j]
-    return probs  # type: ignore[return-value]
+    return probs

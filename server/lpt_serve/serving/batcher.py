@@ -25,8 +25,9 @@ from lpt_serve.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Runs one mixed pass on the inference thread: one adapter and one encoded row in, one probability list out, per row.
-RunBatch = Callable[[Sequence[TaskAdapter], Sequence[Encoded]], list[list[float]]]
+# Runs one mixed pass on the inference thread: one adapter and one encoded row in, per row one probability list out,
+# or the exception that row's request must raise (its task failed or is quarantined; the other rows still answer).
+RunBatch = Callable[[Sequence[TaskAdapter], Sequence[Encoded]], list[list[float] | BaseException]]
 
 
 @dataclass(eq=False)
@@ -91,7 +92,8 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def run_now(self, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded]) -> list[list[float]]:
+    async def run_now(self, adapters: Sequence[TaskAdapter],
+                      encoded: Sequence[Encoded]) -> list[list[float] | BaseException]:
         """One pass on the inference thread outside the queue (warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, adapters, encoded)
 
@@ -172,7 +174,7 @@ class Batcher:
             encoded = [r.encoded for r in batch]
             try:
                 probs = await loop.run_in_executor(self._executor, self.run_batch, adapters, encoded)
-            except Exception as exc:  # a failed pass fails its rows, never the loop
+            except Exception as exc:  # a pass that failed as a whole fails its rows, never the loop
                 log.exception("forward pass of %d rows failed", len(batch))
                 for row in batch:
                     if not row.future.done():
@@ -181,7 +183,11 @@ class Batcher:
             elapsed = time.monotonic() - started
             self._record(batch, elapsed, started)
             for row, p in zip(batch, probs, strict=True):
-                if not row.future.done():
+                if row.future.done():
+                    continue
+                if isinstance(p, BaseException):
+                    row.future.set_exception(p)
+                else:
                     row.future.set_result(p)
 
     def _live(self, batch: list[Row]) -> list[Row]:

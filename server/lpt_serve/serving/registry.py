@@ -8,6 +8,10 @@ Placement follows vLLM's LoRA manager: every served adapter is in CPU memory; th
 also on the accelerator, up to a byte budget (LRU), and pinned tasks never leave it. On a CPU-only server
 the two tiers are one. `acquire` is called only from the inference thread, so moving a module between
 devices never races a forward pass.
+
+Quarantine: the inference thread reports each pass's failed and fully answered tasks; a served version that
+fails `quarantine_after` passes in a row is held out (its requests are refused at admission) until an upload,
+a rollback or a retire replaces it. The state lives in memory: a restart serves every task again.
 """
 
 from __future__ import annotations
@@ -20,13 +24,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
 from lpt_serve.errors import AdapterError, TaskNotFound
-from lpt_serve.format import CONFIG_NAME, validate_task_name
-from lpt_serve.model.adapter import TaskAdapter, build_adapter, load_adapter
+from lpt_serve.format import validate_task_name
+from lpt_serve.model.adapter import TaskAdapter, build_adapter, load_adapter, parse_config_json
 from lpt_serve.model.backbone import Backbone
 from lpt_serve.serving.store import AdapterStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskHealth:
+    """One served version's failure streak. Holding the adapter itself (not its id) means a report about a
+    version that has since been replaced can never be taken for the new one."""
+
+    adapter: TaskAdapter
+    failures_in_a_row: int = 0
+    last_failure: str = ""
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class ServedTask:
 
 class Registry:
     def __init__(self, backbone: Backbone, store: AdapterStore, *, device_budget_bytes: int = 512 << 20,
-                 pinned: Iterable[str] = ()) -> None:
+                 pinned: Iterable[str] = (), quarantine_after: int = 3) -> None:
         self.backbone = backbone
         self.store = store
         self.device = backbone.device
@@ -57,6 +73,9 @@ class Registry:
         self._mutate = threading.Lock()  # one upload/rollback/retire at a time, in this process
         self._on_device: OrderedDict[int, ServedTask] = OrderedDict()  # id(adapter) -> task, LRU order
         self.load_errors: dict[str, str] = {}
+        self.quarantine_after = quarantine_after
+        self._health_lock = threading.Lock()  # the inference thread writes, the event loop reads
+        self._health: dict[str, TaskHealth] = {}
 
     # --------------------------------------------------------------------------------------------- loading
     def _prepare(self, adapter: TaskAdapter) -> TaskAdapter:
@@ -77,6 +96,8 @@ class Registry:
             loaded[task] = ServedTask(task, record.current, record.versions, adapter)
         self._tasks = loaded
         self.load_errors = errors
+        with self._health_lock:
+            self._health = {}
         log.info("serving %d tasks: %s", len(loaded), ", ".join(f"{t}@v{s.version}" for t, s in loaded.items()))
         return errors
 
@@ -131,6 +152,7 @@ class Registry:
             tasks = dict(self._tasks)
             tasks.pop(task, None)
             self._tasks = tasks
+            self._forget_health(task)
         log.info("task %s retired", task)
 
     def _swap(self, task: str, served: ServedTask) -> None:
@@ -138,6 +160,49 @@ class Registry:
         tasks = dict(self._tasks)
         tasks[task] = served
         self._tasks = tasks
+        self._forget_health(task)  # a new version (or the rolled-back one) starts with a clean record
+
+    # ------------------------------------------------------------------------------------------- quarantine
+    def _forget_health(self, task: str) -> None:
+        with self._health_lock:
+            if self._health.pop(task, None) is not None:
+                log.info("task %s: failure record cleared", task)
+
+    def _current(self, adapter: TaskAdapter) -> bool:
+        served = self._tasks.get(adapter.task)
+        return served is not None and served.adapter is adapter
+
+    def record_failure(self, adapter: TaskAdapter, reason: str) -> bool:
+        """A pass in which this adapter failed; True if that put it in quarantine. Reports about versions no
+        longer served are ignored."""
+        if not self._current(adapter):
+            return False
+        with self._health_lock:
+            health = self._health.get(adapter.task)
+            if health is None or health.adapter is not adapter:
+                health = self._health[adapter.task] = TaskHealth(adapter)
+            health.failures_in_a_row += 1
+            health.last_failure = reason
+            if health.quarantined or health.failures_in_a_row < self.quarantine_after:
+                return False
+            health.quarantined = True
+        log.error("task %s quarantined after %d failed passes in a row (last: %s); upload a new version or roll "
+                  "back to serve it again", adapter.task, health.failures_in_a_row, reason)
+        return True
+
+    def record_success(self, adapter: TaskAdapter) -> None:
+        """A pass that answered every row of this adapter: its streak starts over."""
+        with self._health_lock:
+            health = self._health.get(adapter.task)
+            if health is not None and health.adapter is adapter and not health.quarantined:
+                del self._health[adapter.task]
+
+    def quarantine_reason(self, adapter: TaskAdapter) -> str | None:
+        """Why this adapter is held out of every batch, or None if it is not."""
+        health = self._health.get(adapter.task)
+        if health is None or health.adapter is not adapter or not health.quarantined:
+            return None
+        return f"it failed {health.failures_in_a_row} forward passes in a row (last: {health.last_failure})"
 
     # ------------------------------------------------------------------------------------------- placement
     def acquire(self, adapters: Iterable[TaskAdapter]) -> None:
@@ -172,12 +237,7 @@ class Registry:
 
 def _with_task_name(config_bytes: bytes, task: str) -> bytes:
     """The URL names the task; an adapter trained under another name is renamed rather than refused."""
-    try:
-        data = json.loads(config_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    data = parse_config_json(config_bytes)  # its size is checked before it is parsed
     if data.get("task") == task:
         return config_bytes
     data["task"] = task

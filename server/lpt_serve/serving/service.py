@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lpt_serve.errors import DeadlineExceeded, InputTooLarge, InvalidInput, Unavailable
+
+from lpt_serve.errors import DeadlineExceeded, InputTooLarge, InvalidInput, TaskQuarantined, Unavailable
 from lpt_serve.model.adapter import TaskAdapter
 from lpt_serve.model.backbone import Backbone
-from lpt_serve.model.engine import Encoded, classify_rows, encode_texts
+from lpt_serve.model.engine import Encoded, encode_texts
 from lpt_serve.serving.batcher import Batcher
+from lpt_serve.serving.isolation import answer_rows
 from lpt_serve.serving.metrics import Metrics
 from lpt_serve.serving.registry import Registry, ServedTask
 from lpt_serve.serving.store import AdapterStore
@@ -34,6 +36,9 @@ class ServiceConfig:
     backbone: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    runtime: str = "torch"
+    onnx_cache_dir: Path | None = None
+    runtime_threads: int | None = None
     max_batch_size: int = 64
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
@@ -45,6 +50,8 @@ class ServiceConfig:
     device_budget_mb: float = 512.0
     pinned_tasks: Sequence[str] = field(default_factory=tuple)
     warmup: bool = True
+    quarantine_after: int = 3  # failed passes in a row before a task is held out until an upload or rollback
+    keep_versions: int | None = 5  # stored versions kept per task, the served one included; None keeps all
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ def prediction(served: ServedTask, encoded: Encoded, probabilities: Sequence[flo
     return Prediction(served.task, served.version, best, scores[best], scores, encoded.truncated)
 
 
+def load_backbone(config: ServiceConfig) -> Backbone:
+    return Backbone.load(config.backbone, device=config.device, dtype=config.dtype, runtime=config.runtime,
+                         onnx_cache_dir=config.onnx_cache_dir, runtime_threads=config.runtime_threads)
+
+
 class Service:
     """Backbone, registry, batcher, metrics and readiness, started and stopped together."""
 
@@ -82,10 +94,10 @@ class Service:
     async def start(self) -> None:
         c = self.config
         if self.backbone is None:
-            self.backbone = await asyncio.to_thread(Backbone.load, c.backbone, device=c.device, dtype=c.dtype)
+            self.backbone = await asyncio.to_thread(load_backbone, c)
         self.store = await asyncio.to_thread(self._open_store)
         self.registry = Registry(self.backbone, self.store, device_budget_bytes=int(c.device_budget_mb * 2**20),
-                                 pinned=c.pinned_tasks)
+                                 pinned=c.pinned_tasks, quarantine_after=c.quarantine_after)
         await asyncio.to_thread(self.registry.load_all)
         self.metrics.tasks_served.set(len(self.registry.names()))
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
@@ -100,9 +112,8 @@ class Service:
         log.info("ready: %d tasks on %s (%s)", len(self.registry.names()), self.backbone.device, self.backbone.dtype)
 
     def _open_store(self) -> AdapterStore:
-        root = self.config.store
-        root.mkdir(parents=True, exist_ok=True)
-        store = AdapterStore(root)
+        # AdapterStore makes the directory, or says in one sentence why it cannot; a read-only store still opens.
+        store = AdapterStore(self.config.store, keep_versions=self.config.keep_versions)
         if self.config.seed_from is not None:
             seeded = store.seed(self.config.seed_from)
             if seeded:
@@ -127,17 +138,42 @@ class Service:
         if self.batcher is not None:
             await self.batcher.stop(timeout=self.config.request_timeout_s)
 
-    def _run_batch(self, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded]) -> list[list[float]]:
-        """On the inference thread: place the batch's adapters, run one mixed pass."""
-        self.registry.acquire(adapters)
-        return [p.tolist() for p in classify_rows(self.backbone, adapters, encoded)]
+    def _run_batch(self, adapters: Sequence[TaskAdapter],
+                   encoded: Sequence[Encoded]) -> list[list[float] | BaseException]:
+        """On the inference thread: hold out quarantined tasks, place the others' adapters, run one mixed pass in
+        which a failing task answers `TaskFailed` and the rest are served, and keep each task's failure streak."""
+        registry = self.registry
+        answers: list[list[float] | BaseException | None] = [None] * len(adapters)
+        live = []
+        for i, adapter in enumerate(adapters):
+            reason = registry.quarantine_reason(adapter)
+            if reason is not None:  # quarantined while its rows waited in the queue
+                answers[i] = TaskQuarantined(f"task {adapter.task!r} is quarantined: {reason}")
+            else:
+                live.append(i)
+        if live:
+            live_adapters = [adapters[i] for i in live]
+            registry.acquire(live_adapters)
+            outcome = answer_rows(self.backbone, live_adapters, [encoded[i] for i in live])
+            for i, answer in zip(live, outcome.answers, strict=True):
+                answers[i] = answer
+            for adapter, fault in outcome.failed.values():
+                registry.record_failure(adapter, fault.describe())
+            for adapter in outcome.answered.values():
+                registry.record_success(adapter)
+        return answers  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- classify
     def resolve(self, task: str) -> ServedTask:
-        """The adapter version a request will run, fixed at admission (TaskNotFound if not served)."""
+        """The adapter version a request will run, fixed at admission (TaskNotFound if not served, TaskQuarantined
+        if it keeps failing: its requests never enter a batch)."""
         if not self.ready or self.registry is None:
             raise Unavailable("the server is starting; retry shortly", retry_after=1)
-        return self.registry.get(task)
+        served = self.registry.get(task)
+        reason = self.registry.quarantine_reason(served.adapter)
+        if reason is not None:
+            raise TaskQuarantined(f"task {task!r} v{served.version} is quarantined: {reason}")
+        return served
 
     def resolve_registry(self) -> Registry:
         if self.registry is None:
@@ -172,6 +208,11 @@ class Service:
             _, pending = await asyncio.wait(futures, timeout=max(0.0, remaining))
             if pending:
                 raise DeadlineExceeded(f"no answer within {timeout:.0f}s (LPT_REQUEST_TIMEOUT_S)")
+            # One status per request: the first failed row decides it. Reading every row's error keeps asyncio
+            # from logging the others as never retrieved.
+            failure = next((e for e in [f.exception() for f in futures] if e is not None), None)
+            if failure is not None:
+                raise failure
             results = [f.result() for f in futures]
         finally:
             for f in futures:

@@ -28,11 +28,32 @@ Decisions:
   ``v1``. Anything caching adapters by ``(task, version)`` must drop a task's entries when it is retired.
 * Every mutation, staging included, runs under both locks, so ``recover()`` in one replica can never delete
   another replica's upload in progress. Reads take no lock.
+
+Faults (a read-only store, a full disk, any other OSError):
+
+* A store that cannot be written at open (read-only file system, a directory or lock file this user may not
+  write) still opens and serves what it holds: recovery is skipped with a warning, and every mutation raises
+  ``StoreUnwritable`` until the store is writable again (checked at each attempt; recovery then runs first).
+* A mutation that fails with an OSError raises ``StoreUnwritable`` naming the cause, after undoing itself under
+  the lock: the staging dir is removed, a stray ``state.json.tmp`` is removed, and a version already renamed into
+  place is taken out again. Since ``state.json`` never named that version nobody served it, so unlike a crash
+  orphan it need not be kept, and removing it gives the space back on a full disk; its number may be reused.
+* Once ``state.json`` has been replaced (or a retired task renamed away) the change is made: a failing directory
+  fsync after that point is logged, not raised, because the caller must see what the disk shows. A power loss
+  could then at worst bring back the previous state, which names versions still on disk, because pruning is
+  skipped for that commit.
+
+Retention: with ``keep_versions=N`` each commit keeps the last N entries of history (the new current version and
+the N - 1 rollback targets before it) and deletes every other version directory of the task, including versions
+rolled back away from and crash orphans, so rollback can only ever land on a version that exists. The pruned
+versions leave ``state.json`` (durably) before their directories are renamed into ``.tmp/`` and deleted. Pruning
+runs only right after a commit, when the current version is the highest number, so numbering stays monotonic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -45,7 +66,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lpt_serve.errors import NothingToRollBack, StoreError, TaskNotFound
+from lpt_serve.errors import NothingToRollBack, StoreError, StoreUnwritable, TaskNotFound
 from lpt_serve.format import ADAPTER_FILES, CONFIG_NAME, TASK_NAME_PATTERN, WEIGHTS_NAME, validate_task_name
 
 __all__ = [
@@ -68,6 +89,16 @@ SEEDED_NAME = ".seeded"
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
 _CHUNK = 1 << 20
 
+# What an operator reads for the errors a store write usually meets: (what happened, what to do about it).
+_FAULTS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("the disk is full", "free space on it"),
+    errno.EDQUOT: ("the disk quota is used up", "free space or raise the quota"),
+    errno.EROFS: ("the file system is read-only", "remount it read-write"),
+    errno.EACCES: ("permission denied", "give the server's user write access to the store directory"),
+    errno.EPERM: ("operation not permitted", "give the server's user write access to the store directory"),
+    errno.EIO: ("an I/O error", "check the disk (the kernel log says more)"),
+}
+
 
 def _crash_hook(stage: str) -> None:
     """Test seam: called at each crash-relevant point of a mutation; tests replace it to block and get SIGKILLed.
@@ -76,6 +107,15 @@ def _crash_hook(stage: str) -> None:
     renamed), ``"renamed"`` (version dir in place, state.json not yet updated), ``"state-replaced"``,
     ``"retire-renamed"`` (task moved into .tmp, not yet deleted).
     """
+
+
+def _fault(exc: OSError) -> tuple[str, str]:
+    """(what happened, naming the errno and path; what to do) for an OSError met while writing the store."""
+    cause, fix = _FAULTS.get(exc.errno or 0, (exc.strerror or str(exc) or type(exc).__name__,
+                                                   "check the store directory"))
+    details = [errno.errorcode.get(exc.errno, "") if exc.errno else "", str(exc.filename or "")]
+    detail = " on ".join(d for d in details if d)
+    return (f"{cause} ({detail})" if detail else cause), fix
 
 
 @dataclass(frozen=True)
@@ -94,6 +134,11 @@ class TaskRecord:
         return self.task_dir / f"v{v}"
 
 
+def _open_lock_file(path: Path) -> int:
+    # A seam too: tests make it raise EROFS/EACCES to play a read-only store without mounting one.
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -102,9 +147,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    # A failed write() or fsync() names no file; the operator needs to know which file system is full.
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def _write_durably(path: Path, chunks: Iterable[bytes | memoryview], stage: str | None = None) -> None:
     # "xb": a staging path is always fresh, so an existing file means something else is writing there.
-    with open(path, "xb") as f:
+    with _naming(path), open(path, "xb") as f:
         for chunk in chunks:
             f.write(chunk)
             if stage is not None:
@@ -114,12 +170,18 @@ def _write_durably(path: Path, chunks: Iterable[bytes | memoryview], stage: str 
 
 
 def _write_durably_replace(path: Path, data: bytes) -> None:
+    """Atomically replace ``path``; when this raises, ``path`` is untouched and no ``.tmp`` sibling is left."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with _naming(tmp), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _bytes_chunks(data: bytes) -> Iterator[memoryview]:
@@ -153,17 +215,107 @@ def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
 
 
 class AdapterStore:
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, *, keep_versions: int | None = None):
+        """Open (creating it if needed) the store at ``root`` and recover from crashes, or open it read-only when
+        it cannot be written (see "Faults" above). ``keep_versions``: versions kept per task after each commit,
+        the current one included (None keeps them all)."""
+        if keep_versions is not None and (type(keep_versions) is not int or keep_versions < 1):
+            raise ValueError(f"keep_versions must be None or at least 1, got {keep_versions!r}")
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_versions = keep_versions
         self._tmp = self.root / TMP_DIR_NAME
         self._lock_path = self.root / LOCK_NAME
         self._thread_lock = threading.Lock()
-        removed = self.recover()
+        self._always_read_only = False
+        self.make_root(self.root)
+        self._unwritable: tuple[str, str] | None = self._why_unwritable()
+        if self._unwritable is not None:
+            cause, fix = self._unwritable
+            log.warning("adapter store %s is read-only: %s. Serving what it holds without recovery; uploads, "
+                        "rollbacks and retires fail until you %s", self.root, cause, fix)
+        else:
+            self._recover_at_open()
+
+    @staticmethod
+    def make_root(root: Path) -> None:
+        """Create the store directory (with its parents) if it is missing, or say in one sentence why not."""
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            cause, fix = _fault(e)
+            raise StoreUnwritable(f"cannot create the store directory {root}: {cause}; {fix}, or point the "
+                                  "server at an existing store") from e
+
+    @classmethod
+    def read_only(cls, root: Path) -> AdapterStore:
+        """A store object for reading only: no recovery, no lock, nothing written (the shipped seed data)."""
+        store = cls.__new__(cls)
+        store.root = Path(root).resolve()
+        store.keep_versions = None
+        store._tmp = store.root / TMP_DIR_NAME
+        store._lock_path = store.root / LOCK_NAME
+        store._thread_lock = threading.Lock()
+        store._always_read_only = True
+        store._unwritable = ("it was opened with AdapterStore.read_only", "open it with AdapterStore(root)")
+        return store
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why the store took no changes when last checked (at open or at the last failed attempt), or None."""
+        return None if self._unwritable is None else self._unwritable[0]
+
+    def _recover_at_open(self) -> None:
+        try:
+            removed = self.recover()
+        except StoreUnwritable as e:
+            # What is left in .tmp is invisible to readers, so serving can go on; a later recovery finishes it.
+            log.warning("adapter store %s: recovery did not finish: %s", self.root, e.message)
+            return
         if removed:
             log.info("adapter store %s: recovery removed %s", self.root, removed)
 
-    # ---- locking -------------------------------------------------------------------------------------------
+    # ---- locking and faults ----------------------------------------------------------------------------------
+
+    def _why_unwritable(self) -> tuple[str, str] | None:
+        """(cause, fix) when this process cannot change the store now, else None. Root passes os.access on a
+        0o555 directory, so a read-only mount is asked of statvfs and the lock file is actually opened."""
+        try:
+            if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+                return _fault(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.root)))
+        except OSError:
+            pass  # statvfs is only the quick answer; the checks below decide
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            return _fault(OSError(errno.EACCES, os.strerror(errno.EACCES), str(self.root)))
+        try:
+            os.close(_open_lock_file(self._lock_path))
+        except OSError as e:
+            return _fault(e)
+        return None
+
+    def _ensure_writable(self, action: str) -> None:
+        if self._unwritable is not None and not self._always_read_only:
+            # Checked again at each attempt, so remounting read-write is enough: no restart needed.
+            self._unwritable = self._why_unwritable()
+            if self._unwritable is None:
+                log.warning("adapter store %s is writable again", self.root)
+                self._recover_at_open()
+        if self._unwritable is not None:
+            cause, fix = self._unwritable
+            raise StoreUnwritable(f"cannot {action}: the store {self.root} is read-only: {cause}; {fix}, then "
+                                  "retry. What it holds still serves.")
+
+    @contextlib.contextmanager
+    def _changing(self, action: str) -> Iterator[None]:
+        """Both locks for one mutation; any OSError inside becomes StoreUnwritable naming its cause. The mutation
+        must have undone itself by then (see ``_commit``)."""
+        self._ensure_writable(action)
+        try:
+            with self._locked():
+                yield
+        except OSError as e:
+            cause, fix = _fault(e)
+            raise StoreUnwritable(f"cannot {action}: {cause}; {fix}, then retry. The store still serves what it "
+                                  "held before.") from e
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -172,7 +324,7 @@ class AdapterStore:
         # per acquisition so a store object holds no fd between mutations, and the kernel drops the lock if the
         # holder dies.
         with self._thread_lock:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self._lock_path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
@@ -272,7 +424,7 @@ class AdapterStore:
         state.json. Complete unreferenced versions are kept (see module docstring).
         """
         removed: list[str] = []
-        with self._locked():
+        with self._changing("recover the store"):
             if self._tmp.is_dir():
                 for entry in sorted(self._tmp.iterdir()):
                     self._remove(entry)
@@ -303,28 +455,27 @@ class AdapterStore:
     def seed(self, source: Path) -> list[str]:
         """Copy the current version of every task in ``source`` (a store laid out as above, e.g. the demo adapters)
         into this store, once in its life: only when it holds no task and was never seeded. Returns the tasks
-        copied. Later starts do nothing, so retiring a seeded task keeps it retired."""
+        copied. Later starts do nothing, so retiring a seeded task keeps it retired. A store that cannot be
+        written is not seeded (a warning says why): serving what it holds matters more than the demo tasks."""
         marker = self.root / SEEDED_NAME
         if marker.exists():
             return []
         copied: list[str] = []
-        if not self.tasks():
-            for task, record in AdapterStore.read_only(source).tasks().items():
-                self.commit_dir(task, record.path())
-                copied.append(task)
-        with self._locked():
-            _write_durably_replace(marker, b"")
+        empty = not self.tasks()
+        try:
+            if empty:
+                for task, record in AdapterStore.read_only(source).tasks().items():
+                    self.commit_dir(task, record.path())
+                    copied.append(task)
+            with self._changing("mark the store as seeded"):
+                _write_durably_replace(marker, b"")
+        except StoreUnwritable as e:
+            if empty:
+                log.warning("not seeding the store %s with the demo tasks (copied: %s): %s", self.root,
+                            ", ".join(copied) or "none", e.message)
+            else:
+                log.info("store %s: %s", self.root, e.message)
         return copied
-
-    @classmethod
-    def read_only(cls, root: Path) -> AdapterStore:
-        """A store object for reading only: no recovery, no lock, nothing written (the shipped seed data)."""
-        store = cls.__new__(cls)
-        store.root = Path(root).resolve()
-        store._tmp = store.root / TMP_DIR_NAME
-        store._lock_path = store.root / LOCK_NAME
-        store._thread_lock = threading.Lock()
-        return store
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -353,7 +504,7 @@ class AdapterStore:
     def _commit(
         self, task: str, config_chunks: Iterable[bytes | memoryview], weights_chunks: Iterable[bytes | memoryview]
     ) -> TaskRecord:
-        with self._locked():
+        with self._changing(f"store a new version of {task!r}"):
             task_dir = self.root / task
             try:
                 prior = self._read_state(task_dir)
@@ -364,8 +515,10 @@ class AdapterStore:
 
             self._tmp.mkdir(exist_ok=True)
             staging = self._tmp / f"stage-{task}-{uuid.uuid4().hex}"
-            staging.mkdir()
+            made_task_dir = False
+            final: Path | None = None
             try:
+                staging.mkdir()
                 _write_durably(staging / CONFIG_NAME, config_chunks)
                 _write_durably(staging / WEIGHTS_NAME, weights_chunks, stage="write-weights")
                 _fsync_dir(staging)
@@ -373,21 +526,27 @@ class AdapterStore:
 
                 if not task_dir.is_dir():
                     task_dir.mkdir()
+                    made_task_dir = True
                     _fsync_dir(self.root)
                 version = max(self._version_numbers(task_dir), default=0) + 1
+                os.rename(staging, task_dir / f"v{version}")
                 final = task_dir / f"v{version}"
-                os.rename(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            # Make the rename durable before state.json can name the new version.
-            _fsync_dir(task_dir)
-            _fsync_dir(self._tmp)
-            _crash_hook("renamed")
+                # Make the rename durable before state.json can name the new version.
+                _fsync_dir(task_dir)
+                _fsync_dir(self._tmp)
+                _crash_hook("renamed")
 
-            history = (*(prior[1] if prior else ()), version)
-            self._write_state(task_dir, version, history)
+                history = (*(prior[1] if prior else ()), version)
+                if self.keep_versions is not None:
+                    history = history[-self.keep_versions :]
+                # The commit point: raising here means state.json is untouched (see _write_state).
+                durable = self._write_state(task_dir, version, history)
+            except BaseException:
+                self._undo_commit(staging, final, task_dir if made_task_dir else None)
+                raise
             _crash_hook("state-replaced")
+            if self.keep_versions is not None and durable:
+                self._prune(task_dir, history)
             return TaskRecord(
                 task=task,
                 current=version,
@@ -396,12 +555,69 @@ class AdapterStore:
                 task_dir=task_dir,
             )
 
+    def _undo_commit(self, staging: Path, final: Path | None, new_task_dir: Path | None) -> None:
+        """Take a failed commit back out (under the lock): nothing of it may stay visible or hold space."""
+        shutil.rmtree(staging, ignore_errors=True)
+        if final is not None:
+            # An interruption right after state.json was replaced leaves the version committed: it must stay.
+            try:
+                state = self._read_state(final.parent)
+                committed = state is not None and final.name == f"v{state[0]}"
+            except (StoreError, OSError):
+                committed = True  # cannot tell; an unserved orphan is harmless, a dangling state.json is not
+            if committed:
+                final = None
+        if final is not None:
+            trash = self._tmp / f"failed-{final.parent.name}-{final.name}-{uuid.uuid4().hex}"
+            try:
+                # One rename makes it vanish from the task; the deletion may then take its time or fail.
+                os.rename(final, trash)
+            except OSError as e:
+                log.error("could not take the failed upload %s back out: %s; it stays as an unserved orphan",
+                          final, e)
+            else:
+                shutil.rmtree(trash, ignore_errors=True)
+        if new_task_dir is not None:
+            with contextlib.suppress(OSError):
+                new_task_dir.rmdir()  # only succeeds when empty, which it is once the version is out
+
+    def _prune(self, task_dir: Path, keep: tuple[int, ...]) -> list[int]:
+        """Delete every version directory of ``task_dir`` not in ``keep``, the history that state.json now names
+        durably. Failures are logged: the commit is made, and the next commit (or recover) tries again."""
+        pruned: list[int] = []
+        for v in self._version_numbers(task_dir):
+            if v in keep:
+                continue
+            trash = self._tmp / f"pruned-{task_dir.name}-v{v}-{uuid.uuid4().hex}"
+            try:
+                os.rename(task_dir / f"v{v}", trash)
+            except OSError as e:
+                log.warning("task %r: could not prune v%d: %s", task_dir.name, v, e)
+                continue
+            pruned.append(v)
+            try:
+                shutil.rmtree(trash)
+            except OSError as e:
+                log.warning("task %r: pruned v%d but could not delete %s yet: %s", task_dir.name, v, trash, e)
+        if pruned:
+            with contextlib.suppress(OSError):
+                _fsync_dir(task_dir)
+            log.info("task %r: pruned versions %s (keeping %s)", task_dir.name, pruned, list(keep))
+        return pruned
+
     @staticmethod
-    def _write_state(task_dir: Path, current: int, history: tuple[int, ...]) -> None:
-        # Written as state.json.tmp, then renamed: recover() removes a stray state.json.tmp after a crash.
+    def _write_state(task_dir: Path, current: int, history: tuple[int, ...]) -> bool:
+        """Replace state.json; True when the change is also durable. When this raises, state.json is untouched
+        and no state.json.tmp is left. After the replace the change is made and visible, so a failing directory
+        fsync is only logged (False): a power loss may bring back the previous state, never a broken one."""
         payload = json.dumps({"current": current, "history": list(history)}).encode()
         _write_durably_replace(task_dir / STATE_NAME, payload)
-        _fsync_dir(task_dir)
+        try:
+            _fsync_dir(task_dir)
+        except OSError as e:
+            log.error("task %r: state.json replaced but the directory fsync failed: %s", task_dir.name, e)
+            return False
+        return True
 
     def retire(self, task: str) -> None:
         """Stop serving ``task`` and delete all its versions; TaskNotFound if there is no such task directory.
@@ -409,25 +625,29 @@ class AdapterStore:
         A task directory without a servable version (e.g. only an orphan upload) can be retired too, to clean it up.
         """
         task_dir = self._task_dir(task)
-        with self._locked():
+        with self._changing(f"retire {task!r}"):
             if not task_dir.is_dir():
                 raise TaskNotFound(f"task {task!r} not found")
             self._tmp.mkdir(exist_ok=True)
             graveyard = self._tmp / f"retired-{task}-{uuid.uuid4().hex}"
             os.rename(task_dir, graveyard)
-            _fsync_dir(self.root)
-            _fsync_dir(self._tmp)
+            # The task is gone from view from here on, so nothing below may report the retire as failed.
+            try:
+                _fsync_dir(self.root)
+                _fsync_dir(self._tmp)
+            except OSError as e:
+                log.error("retire %r: the task is gone but the directory fsync failed: %s", task, e)
             _crash_hook("retire-renamed")
             try:
                 shutil.rmtree(graveyard)
             except OSError as e:
-                # The task is already gone from view; recover() at the next open finishes the deletion.
+                # recover() at the next open finishes the deletion.
                 log.warning("retire %r: could not delete %s yet: %s", task, graveyard, e)
 
     def rollback(self, task: str) -> TaskRecord:
         """Make the previous version in history current again; NothingToRollBack if there is none."""
         task_dir = self._task_dir(task)
-        with self._locked():
+        with self._changing(f"roll back {task!r}"):
             try:
                 state = self._read_state(task_dir)
             except StoreError as e:

@@ -10,21 +10,89 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 EXIT_USAGE = 2
 
+DEFAULT_URL = "http://127.0.0.1:8000"
 DATA_HELP = "a JSONL/CSV file of text,label rows, or a dataset name (mr, bbc, tweets) to use its fixed-seed splits"
+ADMIN_HINT = "set LPT_ADMIN_TOKEN to the server's token or pass --token"
+ENVIRONMENT_HELP = f"""environment variables (a flag wins over its variable):
+  LPT_URL          the server of classify, tasks, upload, rollback and delete
+                   (default {DEFAULT_URL})
+  LPT_ADMIN_TOKEN  the server's admin token, for upload, rollback and delete
+  LPT_BACKBONE     the model folder of train and eval
+                   (default: the all-MiniLM-L6-v2 package)
+  LPT_DATA_DIR     the cache of the datasets mr, bbc and tweets
+                   (default ~/.cache/lpt-serve/data)"""
 
 
 class CliError(Exception):
     """A one-sentence failure that the user can act on."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where X tells the reader something.
+
+    Not for None or off switches (argparse would print "None"/"False"), required or positional arguments, nor
+    help that already says its default in words. Description and epilog: each unindented line is a paragraph
+    filled to the terminal; indented lines (the environment table) stay as written. No line breaks at a hyphen,
+    so names like all-MiniLM-L6-v2 and paths stay whole.
+    """
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                or action.required or not action.option_strings or "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if line.startswith(" ") or not line
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
+                                            break_on_hyphens=False)
+                         for line in text.splitlines())
+
+
 def _load_backbone(args: argparse.Namespace):
     from lpt_serve.model.backbone import Backbone
 
     return Backbone.load(args.backbone, device=args.device, dtype=args.dtype)
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse an unusable --device/--dtype (BackboneError, one sentence) before data is read or fetched."""
+    from lpt_serve.model.backbone import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))
+
+
+def _check_task_name(task: str) -> str:
+    from lpt_serve.format import validate_task_name
+
+    return validate_task_name(task)  # InvalidTaskName says the rule
+
+
+def _check_adapter_dir(folder: str) -> Path:
+    """The directory an upload reads, checked here so a wrong path is a sentence, not a trace after a request."""
+    from lpt_serve.format import ADAPTER_FILES
+
+    path = Path(folder)
+    wanted = " and ".join(ADAPTER_FILES)
+    if not path.exists():
+        raise CliError(f"adapter directory {folder} does not exist: pass the directory `lpt train --out` wrote "
+                       f"(it holds {wanted})")
+    if not path.is_dir():
+        raise CliError(f"{folder} is a file, not an adapter directory: pass the directory that holds {wanted}")
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if missing:
+        raise CliError(f"{folder} is not an adapter directory: it has no {' and no '.join(missing)} "
+                       f"(an adapter directory holds {wanted})")
+    return path
 
 
 def _resolve_data(spec: str, split: str) -> tuple[list[tuple[str, str]], str, dict[str, Path] | None]:
@@ -58,9 +126,18 @@ def _dev_split(rows: list[tuple[str, str]], fraction: float, seed: int) -> tuple
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lpt_serve.errors import InvalidTaskName
     from lpt_serve.training.trainer import Trainer, TrainSettings, evaluate, save_full_model
 
+    if args.task is not None:
+        _check_task_name(args.task)
+    _check_device(args)
     train_rows, data_name, splits = _resolve_data(args.data, "train")
+    if args.task is None:
+        try:
+            _check_task_name(data_name)
+        except InvalidTaskName as exc:
+            raise CliError(f"{exc}; the name comes from the data file's name, so pass --task NAME") from None
     if args.dev:
         dev_rows, _, _ = _resolve_data(args.dev, "dev")
     elif splits is not None:
@@ -107,6 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lpt_serve.model.adapter import load_adapter
     from lpt_serve.training.trainer import evaluate
 
+    _check_device(args)
     rows, _, _ = _resolve_data(args.data, args.split)
     backbone = _load_backbone(args)
     adapter = load_adapter(args.adapter, backbone)
@@ -127,7 +205,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from lpt_client import LptClient
 
-    return LptClient(args.url, admin_token=args.token, timeout=args.timeout)
+    # Only admin commands have --token; the variable is read here, not as the flag's default, so that
+    # `--help` never prints the secret.
+    token = getattr(args, "token", None) or os.environ.get("LPT_ADMIN_TOKEN") or None
+    return LptClient(args.url, admin_token=token, timeout=args.timeout)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -149,9 +230,27 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
+    _check_task_name(args.task)
+    folder = _check_adapter_dir(args.adapter_dir)
     with _client(args) as client:
-        result = client.upload(args.task, args.adapter_dir)
+        result = client.upload(args.task, folder)
     print(json.dumps({"task": result.task, "version": result.version}))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _check_task_name(args.task)
+    with _client(args) as client:
+        result = client.rollback(args.task)
+    print(json.dumps({"task": result.task, "version": result.version}))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _check_task_name(args.task)
+    with _client(args) as client:
+        client.delete(args.task)
+    print(f"deleted task {args.task}: it is no longer served and all its versions left the store")
     return 0
 
 
@@ -160,19 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lpt",
         description="Late Prompt Tuning: train tiny task adapters for one frozen encoder, evaluate them, "
                     "and talk to an lpt-serve server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def backbone_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backbone", default=os.environ.get("LPT_BACKBONE") or None,
-                       help="local BERT/RoBERTa model folder (default: the all-MiniLM-L6-v2 package)")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+                       help="local BERT/RoBERTa model folder (default: LPT_BACKBONE if set, else the "
+                            "all-MiniLM-L6-v2 package)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when there is a GPU)")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
 
     p = sub.add_parser("train", help="train a task adapter (or a full fine-tune for comparison)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Train one task. LPT caches the frozen layers below the prompt layer once and "
                                    "reuses them every epoch; the best epoch on dev data is kept.")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -185,27 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lpt: late prompt; prompt: classic prompt tuning at the input; full: full fine-tuning")
     p.add_argument("--generator", choices=["npg", "mppg", "appg"], default="npg", help="prompt generator (lpt)")
     p.add_argument("--prompt-layer", type=int, default=None,
-                   help="layer k after which the prompt enters (default N//2)")
+                   help="layer k after which the prompt enters (default: the middle layer, N//2)")
     p.add_argument("--prompt-length", type=int, default=5, help="prompt vectors L")
     p.add_argument("--bottleneck", type=int, default=128, help="generator bottleneck d")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout rate in the prompt generator and the head while training")
     p.add_argument("--head", choices=["linear", "verbalizer"], default="linear",
                    help="verbalizer needs a backbone with an MLM head, --template and --label-words")
     p.add_argument("--pooling", choices=["mean", "cls", "mean_prompt"], default="mean", help="linear head pooling")
     p.add_argument("--template", help="e.g. '{text} . It was <mask> .'")
     p.add_argument("--label-words", help="comma-separated, one per label in sorted label order, e.g. terrible,great")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=12,
+                   help="passes over the training data; the epoch best on dev is kept")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: lpt 2e-3, prompt 3e-2, full 3e-5)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text (longer texts are cut)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: initial weights, batch order and the --dev-split hold-out")
     p.add_argument("--no-cache", action="store_true", help="recompute the lower layers every step (for benchmarks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     backbone_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy and macro-F1 of an adapter on labelled data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter,
+                       description="Score an adapter on labelled data; prints accuracy and macro-F1 as JSON.")
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split, for a dataset name")
@@ -213,47 +318,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="materialise an offline dataset as train/dev/test JSONL",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("name", choices=["mr", "bbc", "tweets"])
-    p.add_argument("--seed", type=int, default=0)
+                       formatter_class=HelpFormatter,
+                       description="Fetch a dataset once (cached in LPT_DATA_DIR, default ~/.cache/lpt-serve/data), "
+                                   "split it into train/dev/test JSONL files and print their paths. "
+                                   "`lpt train --data NAME` does this by itself.")
+    p.add_argument("name", choices=["mr", "bbc", "tweets"],
+                   help="mr: movie-review sentiment; bbc: news topics; tweets: tweet sentiment")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the train/dev/test split")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_data)
 
-    def server_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=os.environ.get("LPT_URL", "http://127.0.0.1:8000"), help="server URL")
-        p.add_argument("--token", default=os.environ.get("LPT_ADMIN_TOKEN"), help="admin token (uploads)")
+    def server_args(p: argparse.ArgumentParser, *, admin: bool = False) -> None:
+        p.add_argument("--url", default=os.environ.get("LPT_URL", DEFAULT_URL),
+                       help="server URL; the LPT_URL variable sets it")
+        if admin:
+            p.add_argument("--token", default=None,
+                           help="the server's admin token (default: the LPT_ADMIN_TOKEN variable; prefer it, as a "
+                                "flag shows in `ps`)")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
 
-    p = sub.add_parser("classify", help="classify texts with a served task")
-    p.add_argument("task")
-    p.add_argument("texts", nargs="+")
-    server_args(p)
-    p.set_defaults(func=cmd_classify)
+    def server_command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                           formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("tasks", help="list the served tasks")
+    p = server_command("classify", "classify texts with a served task", cmd_classify)
+    p.add_argument("task", help="a served task (`lpt tasks` lists them)")
+    p.add_argument("texts", nargs="+", help="texts to classify, one argument each; prints label, score, text")
     server_args(p)
-    p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("upload", help="hot-upload an adapter directory as a new version of a task")
-    p.add_argument("task")
-    p.add_argument("adapter_dir")
+    p = server_command("tasks", "list the served tasks", cmd_tasks)
     server_args(p)
-    p.set_defaults(func=cmd_upload)
+
+    p = server_command("upload", "hot-upload an adapter directory as a new version of a task", cmd_upload)
+    p.add_argument("task", help="task name: a new task, or the next version of a served one")
+    p.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors "
+                                       "(what `lpt train --out` wrote)")
+    server_args(p, admin=True)
+
+    p = server_command("rollback", "serve the previous version of a task again", cmd_rollback)
+    p.add_argument("task", help="a served task with more than one version")
+    server_args(p, admin=True)
+
+    p = server_command("delete", "stop serving a task and remove all its versions from the store", cmd_delete)
+    p.add_argument("task", help="the task to delete")
+    server_args(p, admin=True)
     return parser
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from lpt_serve.errors import LptServeError
-    from lpt_serve.training.data import DataError
-    from lpt_serve.training.trainer import TrainError
 
-    errors: list[type[BaseException]] = [CliError, LptServeError, DataError, TrainError]
-    try:
-        from lpt_client import LptError
-
-        errors.append(LptError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [CliError, LptServeError]
+    # An error class can only have been raised if its module was imported; importing the trainer here would load
+    # torch (seconds) just to print a sentence about a mistyped path.
+    for module, name in (("lpt_serve.training.data", "DataError"), ("lpt_serve.training.trainer", "TrainError"),
+                         ("lpt_client", "LptError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 
@@ -262,13 +385,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import httpx
-    from lpt_client import LptConnectionError
+
+    from lpt_client import AuthError, LptConnectionError
 
     try:
         return args.func(args)
     except LptConnectionError as exc:
         print(f"lpt {args.command}: cannot reach the server at {args.url} ({exc.message}); is lpt-serve running? "
               "Set --url or LPT_URL", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthError as exc:
+        sent = getattr(args, "token", None) or os.environ.get("LPT_ADMIN_TOKEN")
+        hint = ADMIN_HINT if sent else f"no admin token was sent: {ADMIN_HINT}"
+        print(f"lpt {args.command}: the server refused the admin request (HTTP {exc.status}: {exc.message}); {hint}",
+              file=sys.stderr)
         return EXIT_USAGE
     except _known_errors() as exc:
         print(f"lpt {args.command}: {exc}", file=sys.stderr)

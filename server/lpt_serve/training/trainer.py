@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 from lpt_serve.model.adapter import AdapterConfig, TaskAdapter, label_word_ids
 from lpt_serve.model.backbone import Backbone
 from lpt_serve.model.engine import Encoded, TaskGroup, encode_texts, pad_rows, upper_forward
 from lpt_serve.model.heads import LinearHead, masked_mean
-from torch import nn
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -8,24 +8,29 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
+
 from lpt_client.schemas import ClassifyRequest, ClassifyResult, MixedPrediction, MixedRequest, MixedResponse
 from lpt_client.schemas import Prediction as PredictionBody
-from lpt_serve.api.deps import ServiceDep
+from lpt_serve.api.deps import ServiceDep, StrictJsonRoute, TaskPath
 from lpt_serve.api.errors import kind_of, statuses
 from lpt_serve.errors import (
     DeadlineExceeded,
     InputTooLarge,
     InvalidInput,
     Overloaded,
+    TaskFailed,
     TaskNotFound,
+    TaskQuarantined,
     Unavailable,
 )
 from lpt_serve.serving.registry import ServedTask
 from lpt_serve.serving.service import Prediction, Service
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["classify"])
-ERRORS = statuses(InvalidInput, TaskNotFound, InputTooLarge, Overloaded, Unavailable, DeadlineExceeded)
+# Bodies are parsed by `deps.parse_json_body`: bad UTF-8, lone surrogates and the like are a 422, not a 400 or 500.
+router = APIRouter(tags=["classify"], route_class=StrictJsonRoute)
+ERRORS = statuses(InvalidInput, TaskNotFound, InputTooLarge, Overloaded, Unavailable, DeadlineExceeded, TaskFailed,
+                  TaskQuarantined)
 T = TypeVar("T")
 
 # nginx's code for "the client closed the request": nobody reads it, but the access log says what happened.
@@ -33,7 +38,7 @@ CLIENT_GONE = 499
 
 
 @router.post("/classify/{task}", response_model=ClassifyResult, responses=ERRORS)
-async def classify_task(task: str, body: ClassifyRequest, request: Request, service: ServiceDep):
+async def classify_task(task: TaskPath, body: ClassifyRequest, request: Request, service: ServiceDep):
     """Classify one text (`text`) or several (`texts`) with one task; predictions come in input order.
 
     Texts longer than the backbone's limit are cut to fit and flagged `truncated: true`.

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from lpt_serve.api.deps import ServiceDep
 from lpt_serve.api.errors import error_response, statuses
 from lpt_serve.errors import Unavailable
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["ops"])
 

@@ -44,6 +44,10 @@ function render(d) {
     const name = el("td", {}, el("span", {class: "swatch", style: "background:" + colour(t.task)}), t.task);
     if (t.location) name.append(el("span", {class: "tag"}, t.location));
     if (!t.served) name.append(el("span", {class: "tag"}, "not served"));
+    if (t.quarantined) {
+      name.append(el("span", {class: "tag bad", "data-testid": "quarantined-" + t.task,
+                              title: t.quarantine_reason || ""}, "quarantined"));
+    }
     const req = el("td", {"data-col": "requests", title: pairs(t.requests_by_status)}, fmt(t.requests, 0));
     const err = el("td", {"data-col": "errors", title: pairs(t.errors_by_type), class: t.errors ? "bad" : ""},
                    fmt(t.errors, 0));

@@ -1,0 +1,502 @@
+"""Who computes the frozen encoder: torch (the reference; gradients; CUDA; half precision) or ONNX Runtime (fp32 on
+the CPU, where it runs the same layers about twice as fast as torch eager).
+
+The split forward needs two things of a runtime: `embed(input_ids, token_type_ids)` and
+`run_layers(hidden, mask, start, stop)` with a [B, S] 0/1 mask. ONNX Runtime gets one graph for the embeddings and
+one per encoder layer (the mixed pass inserts prompts between layers, so a layer is the unit), each with dynamic
+batch and sequence axes, exported once and cached on disk:
+
+    <cache dir>/<model name>-<key>/embeddings.onnx, layer_00.onnx, ..., manifest.json
+
+The key covers the backbone's fingerprint, a hash of its weights and config (two fine-tunes with the same
+fingerprint never share files), and the versions of everything that shapes the graph (export format, opset,
+torch, transformers, onnxscript, onnxruntime). Files are written to a temporary name and renamed, and the manifest
+records each file's sha256, so a crash mid-export or a damaged file means a re-export of that file, never a bad
+session. Every session, fresh or cached, is checked against torch on a probe batch before it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lpt_serve.errors import BackboneError
+from lpt_serve.format import Fingerprint
+from lpt_serve.paths import APP_NAME
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+# Bump when the exported graphs change meaning (wrapper modules, input names): old cache entries are then ignored.
+EXPORT_FORMAT = 1
+OPSET = 18
+EMBEDDINGS_FILE = "embeddings.onnx"
+MANIFEST_FILE = "manifest.json"
+# ORT vs torch on the probe batch; measured differences are ~5e-6 on MiniLM, a wrong graph is off by 1e-2 or more.
+PROBE_TOLERANCE = 1e-4
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 0/1 mask -> [B, 1, 1, S] additive mask (0 keeps, dtype-min drops), the form every attention kernel takes.
+
+    transformers 5 removed `get_extended_attention_mask`, so we build it here.
+    """
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def layer_file(index: int) -> str:
+    return f"layer_{index:02d}.onnx"
+
+
+def default_onnx_cache_dir() -> Path:
+    """~/.cache/lpt-serve/onnx on Linux (the per-user cache directory): exported graphs are rebuildable."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME)) / "onnx"
+
+
+def missing_onnx_packages() -> list[str]:
+    """The packages of the onnxruntime path that are not installed (onnx and onnxscript are needed to export)."""
+    missing = []
+    for module in ("onnxruntime", "onnx", "onnxscript"):
+        if module in sys.modules:  # imported already, or blocked (None)
+            found = sys.modules[module] is not None
+        else:
+            # Found, not imported: onnxscript takes seconds to import and only an export needs it.
+            found = importlib.util.find_spec(module) is not None
+        if not found:
+            missing.append(module)
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------- interface
+class EncoderRuntime(Protocol):
+    """Runs the frozen encoder's embeddings and layers; the Backbone dispatches its split forward to one of these."""
+
+    name: str
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+
+class TorchRuntime:
+    """The encoder's own modules in torch eager: the reference, the only one with gradients, CUDA and half precision."""
+
+    name = "torch"
+
+    def __init__(self, embeddings: nn.Module, layers: Sequence[nn.Module]) -> None:
+        self.embeddings = embeddings
+        self.layers = layers
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        ext = additive_mask(mask, hidden.dtype)
+        for layer in self.layers[start:stop]:
+            out = layer(hidden, attention_mask=ext)
+            # transformers 4.x layers return a tuple, 5.x a tensor.
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+# ----------------------------------------------------------------------------------------- exported graphs
+class EmbeddingsGraph(nn.Module):
+    """What `embeddings.onnx` computes: token ids and segment ids [B, S] -> hidden [B, S, H]."""
+
+    def __init__(self, embeddings: nn.Module) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+
+class LayerGraph(nn.Module):
+    """What `layer_NN.onnx` computes: hidden [B, S, H] and the 0/1 mask [B, S] -> hidden; the additive mask is made
+    inside the graph, so callers hand over the same mask they give torch."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.layer(hidden, attention_mask=additive_mask(mask, hidden.dtype))
+        return out[0] if isinstance(out, tuple) else out
+
+
+INPUTS = {EmbeddingsGraph: ("input_ids", "token_type_ids"), LayerGraph: ("hidden", "mask")}
+OUTPUT = "hidden_out"
+
+
+def _example_inputs(graph: nn.Module, width: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small batch with one padded row, for tracing and for the probe. Neither axis is 0 or 1, which the exporter
+    would specialise on."""
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(graph, EmbeddingsGraph):
+        ids = torch.randint(0, vocab, (2, 7), generator=gen)
+        return ids, torch.zeros_like(ids)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return torch.randn(2, 7, width, generator=gen), mask
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    # The exporter warns about dynamic_shapes style, training mode, missing torchvision ops and more: none of it
+    # concerns a user of a frozen encoder. Its real failures raise.
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _graph_settings(config: Any) -> dict[str, Any]:
+    """The model config minus what does not shape the encoder's graphs (where the folder was, the head classes)."""
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    for irrelevant in ("architectures", "_name_or_path", "transformers_version", "name_or_path"):
+        settings.pop(irrelevant, None)
+    settings["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return settings
+
+
+def _template_key(graph: nn.Module, config: Any) -> str:
+    """Two graphs with this key trace to the same ONNX graph; only the weights differ."""
+    inner = graph.embeddings if isinstance(graph, EmbeddingsGraph) else graph.layer
+    return json.dumps([type(graph).__name__, type(inner).__qualname__, _graph_settings(config)], sort_keys=True,
+                      default=str)
+
+
+# Exported, unoptimised programs by template key. Tracing (torch.export) is the slow part of an export (seconds
+# per graph); every layer of a model, and every model with the same config, shares one trace and only swaps weights.
+_TEMPLATES: OrderedDict[str, Any] = OrderedDict()
+_TEMPLATE_LIMIT = 4
+_EXPORT_LOCK = threading.Lock()
+
+
+def _trace(graph: nn.Module, width: int, vocab: int) -> Any:
+    from torch.export import Dim
+
+    names = INPUTS[type(graph)]
+    dynamic = {name: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for name in names}
+    with _quiet_export():
+        # dynamo=True: the TorchScript exporter gives wrong outputs (errors of 1-6) for transformers 5's sdpa layers.
+        # optimize=False keeps every weight an initializer under its parameter name, so weights can be swapped;
+        # the optimiser runs per exported file instead.
+        return torch.onnx.export(graph.eval(), _example_inputs(graph, width, vocab), None, input_names=list(names),
+                                 output_names=[OUTPUT], dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
+                                 optimize=False, verbose=False)
+
+
+def export_graph(graph: nn.Module, config: Any, width: int, vocab: int) -> bytes:
+    """The serialised, optimised ONNX model of `graph` (an EmbeddingsGraph or LayerGraph) with its own weights."""
+    import onnxscript.optimizer
+
+    weights = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
+    key = _template_key(graph, config)
+    with _EXPORT_LOCK, _quiet_export():
+        program = _TEMPLATES.get(key)
+        if program is None or not set(dict(graph.named_parameters())) <= set(program.model.graph.initializers):
+            program = _trace(graph, width, vocab)
+            _TEMPLATES[key] = program
+            while len(_TEMPLATES) > _TEMPLATE_LIMIT:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        initializers = program.model.graph.initializers
+        program.apply_weights({name: t.detach() for name, t in weights.items() if name in initializers})
+        # The optimiser works on a serialised copy (it folds each weight's transpose into a new initializer), so the
+        # template keeps its named weights for the next graph.
+        return onnxscript.optimizer.optimize(program.model_proto).SerializeToString()
+
+
+# -------------------------------------------------------------------------------------------------- cache
+def weights_digest(modules: Sequence[nn.Module], config: Any) -> str:
+    """sha256 of the exported modules' tensors (names, dtypes, shapes, bytes) and the model config; not of the
+    folder's path, so the same model moved or reinstalled finds its graphs again."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_graph_settings(config), sort_keys=True, default=str).encode())
+    for i, module in enumerate(modules):
+        for name, tensor in module.state_dict().items():
+            digest.update(f"{i}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(fingerprint: Fingerprint, weights_sha256: str) -> dict[str, Any]:
+    import onnxruntime
+    import transformers
+
+    return {
+        "export_format": EXPORT_FORMAT, "opset": OPSET, "fingerprint": fingerprint.as_dict(),
+        "weights_sha256": weights_sha256, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        # Read from the metadata: importing onnxscript takes seconds, and a cache hit never needs it.
+        "onnxscript": importlib.metadata.version("onnxscript"),
+    }
+
+
+def cache_entry_dir(root: Path, key: dict[str, Any]) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key["fingerprint"]["name"]).strip("._-")[:60] or "backbone"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return root / f"{slug}-{digest}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else {}
+
+
+def _is_intact(folder: Path, name: str, manifest: dict[str, Any]) -> bool:
+    entry = manifest.get("files", {}).get(name)
+    path = folder / name
+    if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return False
+    return _file_sha256(path) == entry.get("sha256")
+
+
+@contextlib.contextmanager
+def _entry_lock(folder: Path) -> Iterator[None]:
+    """One exporter per cache entry at a time, across processes (several server workers starting together)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: files are still written atomically, two exporters just duplicate work
+        yield
+        return
+    with (folder / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# -------------------------------------------------------------------------------------------- onnxruntime
+class OnnxRuntime:
+    """The encoder as ONNX Runtime sessions: one for the embeddings, one per layer; fp32 on the CPU only.
+
+    Inputs and outputs are bound by pointer (IOBinding): ORT reads the torch tensors' memory and writes into
+    tensors allocated by torch, no copies either way.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, sessions: Sequence[Any], hidden_size: int, *, cache_dir: Path, exported: Sequence[str],
+                 threads: int) -> None:
+        self.embeddings_session, *layer_sessions = sessions
+        self.layer_sessions = list(layer_sessions)
+        self.hidden_size = hidden_size
+        self.cache_dir = cache_dir
+        self.exported = tuple(exported)  # the files this load had to export (empty: everything came from the cache)
+        self.threads = threads
+
+    # ------------------------------------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, embeddings: nn.Module, layers: Sequence[nn.Module], *, fingerprint: Fingerprint, config: Any,
+              cache_dir: str | Path | None = None, threads: int | None = None, spinning: bool = True,
+              progress: bool = True) -> OnnxRuntime:
+        """Sessions for `embeddings` and `layers` (fp32, CPU), exported to the cache first where it lacks them.
+
+        Raises BackboneError when onnxruntime/onnx/onnxscript are missing, the weights are not fp32 on the CPU, the
+        cache directory cannot be written, or an exported graph does not match torch.
+        """
+        missing = missing_onnx_packages()
+        if missing:
+            raise BackboneError(f"the onnxruntime runtime needs {', '.join(missing)}, which is not installed: run "
+                                "`pip install onnxruntime onnx onnxscript`, or use the torch runtime")
+        try:
+            import onnxruntime  # noqa: F401  (installed yet broken, e.g. a missing system library)
+        except ImportError as exc:
+            raise BackboneError(f"onnxruntime is installed but cannot be imported ({exc}): reinstall it, or use the "
+                                "torch runtime") from exc
+        params = [p for m in (embeddings, *layers) for p in m.parameters()]
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+            found = {f"{p.dtype} on {p.device}" for p in params}
+            raise BackboneError(f"the onnxruntime runtime serves float32 weights on the CPU, not {', '.join(found)}: "
+                                "use dtype float32 on device cpu, or the torch runtime")
+        started = time.perf_counter()
+        root = Path(cache_dir) if cache_dir is not None else default_onnx_cache_dir()
+        key = cache_key(fingerprint, weights_digest([embeddings, *layers], config))
+        folder = cache_entry_dir(root, key)
+        threads = int(threads or torch.get_num_threads())
+        graphs: list[nn.Module] = [EmbeddingsGraph(embeddings).eval(), *(LayerGraph(layer).eval() for layer in layers)]
+        names = [EMBEDDINGS_FILE, *(layer_file(i) for i in range(len(layers)))]
+        width = int(fingerprint.hidden_size)
+        vocab = int(embeddings.word_embeddings.num_embeddings)
+        exported: list[str] = []
+
+        def export(indices: list[int], *, force: bool = False) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            with _entry_lock(folder):
+                manifest = _read_manifest(folder)
+                manifest["key"] = key
+                manifest.setdefault("files", {})
+                if not force:  # another process may have exported them while this one waited for the lock
+                    indices = [i for i in indices if not _is_intact(folder, names[i], manifest)]
+                if indices:
+                    log.info("exporting the encoder to ONNX once (%d of %d graphs), cached in %s", len(indices),
+                             len(names), folder)
+                cls._export(indices, graphs, names, folder, manifest, config, width, vocab, progress)
+            exported.extend(names[i] for i in indices)
+
+        try:
+            # Only an export writes, so a complete cache may sit on a read-only disk (baked into an image).
+            manifest = _read_manifest(folder)
+            stale = [i for i, name in enumerate(names) if not _is_intact(folder, name, manifest)]
+            if stale:
+                export(stale)
+            sessions = []
+            for i, (graph, name) in enumerate(zip(graphs, names, strict=True)):
+                session = cls._checked_session(folder / name, graph, width, vocab, threads, spinning)
+                if session is None and name not in exported:
+                    # Intact bytes that compute the wrong thing (a bug of an older exporter, a hand-edited file):
+                    # export again, once.
+                    log.warning("cached ONNX graph %s does not match torch; exporting it again", folder / name)
+                    export([i], force=True)
+                    session = cls._checked_session(folder / name, graph, width, vocab, threads, spinning)
+                if session is None:
+                    raise BackboneError(f"the ONNX export of {name} does not match torch within {PROBE_TOLERANCE}: "
+                                        "use the torch runtime")
+                sessions.append(session)
+        except OSError as exc:
+            raise BackboneError(f"cannot use the ONNX cache {folder}: {exc}; pass another cache directory, or use "
+                                "the torch runtime") from exc
+        log.info("onnxruntime encoder ready", extra={
+            "onnx_cache": str(folder), "exported": len(exported), "graphs": len(names), "threads": threads,
+            "seconds": round(time.perf_counter() - started, 2)})
+        return cls(sessions, width, cache_dir=folder, exported=exported, threads=threads)
+
+    @staticmethod
+    def _export(indices: Sequence[int], graphs: Sequence[nn.Module], names: Sequence[str], folder: Path,
+                manifest: dict[str, Any], config: Any, width: int, vocab: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        layers = len(names) - 1
+        with tqdm(indices, desc="exporting to ONNX", unit="graph", disable=not progress or not indices,
+                  leave=False) as bar:
+            for i in bar:
+                bar.set_description("exporting embeddings" if i == 0 else f"exporting layer {i}/{layers}")
+                try:
+                    data = export_graph(graphs[i], config, width, vocab)
+                except Exception as exc:  # the exporter raises many kinds; all mean "this model does not export"
+                    raise BackboneError(f"cannot export {names[i]} to ONNX ({type(exc).__name__}: {exc}): use the "
+                                        "torch runtime") from exc
+                _write_atomically(folder / names[i], data)
+                manifest["files"][names[i]] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                # After every file, so that an export cut short keeps what it finished.
+                _write_atomically(folder / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    @staticmethod
+    def _checked_session(path: Path, graph: nn.Module, width: int, vocab: int, threads: int,
+                         spinning: bool) -> Any | None:
+        """A session for `path` if it loads and matches torch on a probe batch; None otherwise."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        probe = _example_inputs(graph, width, vocab, seed=1)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            with torch.inference_mode():
+                got = _run(session, INPUTS[type(graph)], probe, width)
+                expected = graph(*probe)
+        except Exception as exc:  # ORT raises its own exception types for unreadable or mis-shaped models
+            log.warning("cannot load or run %s: %s", path, exc)
+            return None
+        return session if torch.allclose(got, expected, atol=PROBE_TOLERANCE, rtol=PROBE_TOLERANCE) else None
+
+    # ------------------------------------------------------------------------------------------------- run
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        _check_cpu(input_ids)
+        feeds = (input_ids.to(torch.int64), token_type_ids.to(torch.int64))
+        return _run(self.embeddings_session, INPUTS[EmbeddingsGraph], feeds, self.hidden_size)
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        _check_cpu(hidden)
+        if hidden.dtype != torch.float32:
+            raise BackboneError(f"the onnxruntime runtime takes float32 hidden states, not {hidden.dtype}")
+        mask = mask.to(torch.int64)
+        for session in self.layer_sessions[start:stop]:
+            hidden = _run(session, INPUTS[LayerGraph], (hidden, mask), self.hidden_size)
+        return hidden
+
+
+_NUMPY_TYPES = {torch.float32: "float32", torch.int64: "int64"}
+
+
+def _run(session: Any, names: Sequence[str], inputs: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """One session run, reading the inputs' and writing the output's torch memory in place."""
+    import numpy as np
+
+    batch, seq = inputs[0].shape[:2]
+    out = torch.empty((batch, seq, width), dtype=torch.float32)
+    if batch == 0 or seq == 0:
+        return out
+    inputs = [t.contiguous() for t in inputs]  # kept referenced until the run ends: ORT reads their memory
+    binding = session.io_binding()
+    for name, tensor in zip(names, inputs, strict=True):
+        binding.bind_input(name, "cpu", 0, np.dtype(_NUMPY_TYPES[tensor.dtype]), tuple(tensor.shape),
+                           tensor.data_ptr())
+    binding.bind_output(OUTPUT, "cpu", 0, np.float32, tuple(out.shape), out.data_ptr())
+    session.run_with_iobinding(binding)
+    return out
+
+
+def _check_cpu(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cpu":
+        raise BackboneError(f"the onnxruntime runtime runs on the CPU, but got a tensor on {tensor.device}: "
+                            "call backbone.use_runtime('torch') after moving the backbone")

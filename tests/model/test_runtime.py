@@ -1,0 +1,216 @@
+"""The encoder runtimes: ONNX Runtime computes what torch and transformers compute, its graph cache is keyed by the
+weights and survives damage, and it never stands where gradients must flow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from lpt_serve.errors import BackboneError
+from lpt_serve.model.backbone import Backbone
+from lpt_serve.model.runtime import EMBEDDINGS_FILE, MANIFEST_FILE, layer_file
+from tests.tiny import make_tiny_bert
+
+TEXTS = [
+    "a good film",
+    "the movie was not very good and it is bad",
+    "terrible",
+    "is it a film or a movie? it was very, very bad.",
+]
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def ort_backbone(tiny_folder, onnx_cache) -> Backbone:
+    return Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=onnx_cache)
+
+
+@pytest.fixture(scope="session")
+def torch_backbone(tiny_folder) -> Backbone:
+    return Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="torch")
+
+
+def load_ort(folder, cache_dir) -> Backbone:
+    return Backbone.load(folder, device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=cache_dir)
+
+
+def graph_files(backbone: Backbone) -> list[str]:
+    return [EMBEDDINGS_FILE, *(layer_file(i) for i in range(backbone.num_layers))]
+
+
+# ---------------------------------------------------------------------------------------------- equality
+def test_plain_forward_on_onnxruntime_equals_transformers_and_torch(ort_backbone, torch_backbone, tiny_folder):
+    assert ort_backbone.runtime.name == "onnxruntime" and torch_backbone.runtime.name == "torch"
+    reference = AutoModel.from_pretrained(tiny_folder, add_pooling_layer=False, attn_implementation="eager").eval()
+    batch = ort_backbone.tokenize(TEXTS)
+    with torch.inference_mode():
+        ours = ort_backbone(batch["input_ids"], batch["attention_mask"])
+        on_torch = torch_backbone(batch["input_ids"], batch["attention_mask"])
+        theirs = reference(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[real], on_torch[real], atol=1e-4, rtol=1e-4)
+
+
+def test_split_forward_on_onnxruntime_composes_at_every_layer(ort_backbone, torch_backbone):
+    batch = ort_backbone.tokenize(TEXTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.inference_mode():
+        full = ort_backbone(ids, mask)
+        for k in range(ort_backbone.num_layers + 1):
+            lower = ort_backbone.lower(ids, mask, upto=k)
+            torch.testing.assert_close(lower, torch_backbone.lower(ids, mask, upto=k), atol=1e-4, rtol=1e-4)
+            upper = ort_backbone.run_layers(lower, mask, k, ort_backbone.num_layers)
+            torch.testing.assert_close(upper, full, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_the_layers_on_torch(ort_backbone, torch_backbone):
+    # The trainer's pass: hidden states that require grad (prompts inserted) must reach the loss through the layers.
+    batch = ort_backbone.tokenize(TEXTS[:2])
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        start = ort_backbone.lower(batch["input_ids"], mask, upto=1)
+    grads = []
+    for backbone in (ort_backbone, torch_backbone):
+        hidden = start.clone().requires_grad_(True)
+        backbone.run_layers(hidden, mask, 1, backbone.num_layers).sum().backward()
+        grads.append(hidden.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_unfreeze_leaves_onnxruntime_for_good(tiny_folder, onnx_cache):
+    backbone = load_ort(tiny_folder, onnx_cache)
+    assert backbone.runtime.name == "onnxruntime"
+    backbone.unfreeze()  # full fine-tuning: the exported graphs would hold stale weights
+    assert backbone.runtime.name == "torch"
+    assert backbone.use_runtime("auto") == "torch"
+    with pytest.raises(BackboneError, match="stale"):
+        backbone.use_runtime("onnxruntime")
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+def test_a_second_load_reuses_the_exported_graphs(tiny_folder, tmp_path):
+    first = load_ort(tiny_folder, tmp_path)
+    names = graph_files(first)
+    assert sorted(first.runtime.exported) == sorted(names)
+    folder = first.runtime.cache_dir
+    files = [*names, MANIFEST_FILE]
+    stamps = {n: (folder / n).stat().st_mtime_ns for n in files}
+    second = load_ort(tiny_folder, tmp_path)
+    assert second.runtime.exported == ()
+    assert second.runtime.cache_dir == folder
+    assert {n: (folder / n).stat().st_mtime_ns for n in files} == stamps  # nothing written: a read-only cache works
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "deleted", "unlisted", "swapped"])
+def test_a_damaged_graph_file_is_exported_again(tiny_folder, ort_backbone, onnx_cache, torch_backbone, tmp_path,
+                                                damage):
+    # A copy of the session's intact cache, so only the damaged file costs an export.
+    shutil.copytree(onnx_cache, tmp_path, dirs_exist_ok=True)
+    folder = tmp_path / ort_backbone.runtime.cache_dir.name
+    victim = folder / layer_file(1)
+    if damage == "truncated":  # a crash mid-write (of a file not written atomically) looks like this
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif damage == "garbage":  # same size, other bytes
+        victim.write_bytes(bytes(victim.stat().st_size))
+    elif damage == "deleted":
+        victim.unlink()
+        (folder / f".{victim.name}.123.456.tmp").write_bytes(b"half an export")  # a crashed exporter's leftover
+    elif damage == "unlisted":  # the file landed but the manifest that vouches for it did not
+        (folder / MANIFEST_FILE).write_text("{")
+    else:  # bytes the manifest vouches for that compute another layer: only the probe against torch can tell
+        data = (folder / layer_file(0)).read_bytes()
+        victim.write_bytes(data)
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest["files"][victim.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    again = load_ort(tiny_folder, tmp_path)
+    expected = graph_files(ort_backbone) if damage == "unlisted" else [victim.name]
+    assert sorted(again.runtime.exported) == sorted(expected)
+    batch = again.tokenize(TEXTS)
+    with torch.inference_mode():
+        ours = again(batch["input_ids"], batch["attention_mask"])
+        theirs = torch_backbone(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert load_ort(tiny_folder, tmp_path).runtime.exported == ()  # and the repaired entry is trusted again
+
+
+def test_different_weights_with_the_same_fingerprint_never_share_graphs(tmp_path):
+    folders = [make_tiny_bert(tmp_path / name / "tiny", seed=seed) for name, seed in (("a", 0), ("b", 1))]
+    cache = tmp_path / "cache"
+    ort_a, ort_b = (load_ort(f, cache) for f in folders)
+    assert ort_a.fingerprint == ort_b.fingerprint
+    assert ort_a.runtime.cache_dir != ort_b.runtime.cache_dir
+    assert ort_b.runtime.exported  # b found nothing of a's to reuse
+    batch = ort_a.tokenize(TEXTS)
+    with torch.inference_mode():
+        for folder, ort_backbone in zip(folders, (ort_a, ort_b), strict=True):
+            reference = Backbone.load(folder, device="cpu", dtype="float32", runtime="torch")
+            torch.testing.assert_close(ort_backbone(batch["input_ids"], batch["attention_mask"]),
+                                       reference(batch["input_ids"], batch["attention_mask"]), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+def test_auto_chooses_onnxruntime_for_fp32_on_the_cpu(tiny_folder, onnx_cache):
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="auto", onnx_cache_dir=onnx_cache)
+    assert backbone.runtime.name == "onnxruntime"
+
+
+def test_onnxruntime_refuses_half_precision_and_auto_keeps_torch(tiny_folder, onnx_cache):
+    with pytest.raises(BackboneError, match="float32 only"):
+        Backbone.load(tiny_folder, device="cpu", dtype="bfloat16", runtime="onnxruntime", onnx_cache_dir=onnx_cache)
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="bfloat16", runtime="auto", onnx_cache_dir=onnx_cache)
+    assert backbone.runtime.name == "torch"
+
+
+def test_a_missing_onnxruntime_is_named_or_skipped(tiny_folder, onnx_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets when it is not installed
+    with pytest.raises(BackboneError, match="onnxruntime is not installed"):
+        Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=onnx_cache)
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="auto", onnx_cache_dir=onnx_cache)
+    assert backbone.runtime.name == "torch"
+
+
+def test_an_unknown_runtime_is_refused(tiny_folder):
+    with pytest.raises(BackboneError, match="unknown runtime 'tensorrt'"):
+        Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="tensorrt")
+
+
+def test_an_unwritable_cache_is_named_and_auto_keeps_torch(tiny_folder, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should go")
+    with pytest.raises(BackboneError, match="ONNX cache"):
+        load_ort(tiny_folder, blocker)
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="auto", onnx_cache_dir=blocker)
+    assert backbone.runtime.name == "torch"
+
+
+# ------------------------------------------------------------------------------------------ the real model
+@pytest.mark.slow
+def test_onnxruntime_equals_torch_on_the_real_backbone(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("onnx-real")
+    on_ort = Backbone.load(device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=cache)
+    on_torch = Backbone.load(device="cpu", dtype="float32", runtime="torch")
+    assert on_ort.fingerprint == on_torch.fingerprint and on_ort.num_layers == 6
+    batch = on_ort.tokenize([
+        "a moving, beautifully acted and deeply funny film",
+        "The central bank raised interest rates again as company profits and share prices fell.",
+        "this is awful, I hate waiting in line for hours",
+        "ok",
+    ])
+    with torch.inference_mode():
+        ours = on_ort(batch["input_ids"], batch["attention_mask"])
+        theirs = on_torch(batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
