@@ -237,6 +237,15 @@ async def test_too_large_is_413(server):
     assert r.status_code == 413
 
 
+async def test_a_request_over_its_token_budget_is_413(tiny_backbone, store_root):
+    app = await start(tiny_backbone, store_root, max_request_tokens=40)
+    async with serving(app) as client:
+        # "good film" is 2 tokens + [CLS] and [SEP]: 10 texts are 40 tokens, 11 are 44.
+        assert (await client.post("/classify/alpha", json={"texts": ["good film"] * 10})).status_code == 200
+        r = await client.post("/classify/alpha", json={"texts": ["good film"] * 11})
+        assert r.status_code == 413 and "44 tokens" in r.json()["error"]["message"]
+
+
 async def test_unknown_task_is_404(server):
     r = await server.client.post("/classify/nope", json={"text": "good"})
     assert r.status_code == 404 and r.json() == {

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request's deadline; past it the answer is 504")
     max_texts_per_request: int = Field(256, ge=1, description="texts or items in one request at most")
     max_text_chars: int = Field(100_000, ge=1, description="characters in one text at most (413 beyond)")
+    max_request_tokens: int = Field(65_536, ge=1, description="tokens in one request at most, counted after long "
+                                                              "texts are cut to the backbone's limit (413 beyond)")
     max_length: int | None = Field(None, ge=8, description="tokens per text; longer texts are cut and flagged")
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="bytes in a request body at most, admin uploads aside (413 beyond), "

@@ -10,6 +10,7 @@ the next batch gathers. On shutdown the queue drains before the loop ends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ class Row:
     future: asyncio.Future
     enqueued: float
     deadline: float
+    request: int = 0  # rows of one request share this number (their fair share is counted per request)
 
     @property
     def tokens(self) -> int:
@@ -71,6 +73,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._rows_per_second = 0.0
+        self._request_numbers = itertools.count(1)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -112,7 +115,9 @@ class Batcher:
                              retry_after=max(1.0, math.ceil(wait)))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        rows = [Row(a, e, loop.create_future(), now, now + timeout_s) for a, e in zip(adapters, encoded, strict=True)]
+        request = next(self._request_numbers)
+        rows = [Row(a, e, loop.create_future(), now, now + timeout_s, request)
+                for a, e in zip(adapters, encoded, strict=True)]
         self._queue.extend(rows)
         self._set_depth()
         self._arrived.set()
@@ -130,18 +135,34 @@ class Batcher:
         return len(self._queue) * longest >= self.max_batch_tokens
 
     def _take(self) -> list[Row]:
+        """The rows of the next pass, shared fairly between the waiting requests.
+
+        The oldest row (the anchor) always goes first, so nothing starves. Then, round by round, every waiting
+        request gives one row, its row nearest in length to the anchor (less padding), until the size or token
+        limit. A request of 256 long texts therefore cannot hold back a one-text request of another task queued
+        behind it: the next pass takes a row of each.
+        """
         anchor = self._queue[0]
-        window = self._queue[: self.max_batch_size * 4]
-        by_closeness = sorted(window[1:], key=lambda r: abs(r.tokens - anchor.tokens))
+        by_request: dict[int, list[Row]] = {}
+        for row in self._queue[1:]:
+            by_request.setdefault(row.request, []).append(row)
+        for rows in by_request.values():
+            rows.sort(key=lambda r: abs(r.tokens - anchor.tokens))
+        # The anchor's own request takes its round after the others: it has just had its turn.
+        turns = deque(sorted(by_request, key=lambda request: request == anchor.request))
         chosen, longest = [anchor], anchor.tokens
-        for row in by_closeness:
-            if len(chosen) >= self.max_batch_size:
-                break
-            width = max(longest, row.tokens)
-            if (len(chosen) + 1) * width > self.max_batch_tokens:
-                continue
+        while turns and len(chosen) < self.max_batch_size:
+            request = turns.popleft()
+            rows = by_request[request]
+            fits = next((i for i, r in enumerate(rows)
+                         if (len(chosen) + 1) * max(longest, r.tokens) <= self.max_batch_tokens), None)
+            if fits is None:
+                continue  # none of its rows fits this pass any more
+            row = rows.pop(fits)
             chosen.append(row)
-            longest = width
+            longest = max(longest, row.tokens)
+            if rows:
+                turns.append(request)
         taken = set(map(id, chosen))
         self._queue = [r for r in self._queue if id(r) not in taken]
         self._set_depth()

@@ -46,6 +46,7 @@ class ServiceConfig:
     request_timeout_s: float = 30.0
     max_texts_per_request: int = 256
     max_text_chars: int = 100_000
+    max_request_tokens: int = 65_536
     max_length: int | None = None
     device_budget_mb: float = 512.0
     pinned_tasks: Sequence[str] = field(default_factory=tuple)
@@ -201,6 +202,12 @@ class Service:
         timeout = self.config.request_timeout_s
         started = time.monotonic()
         encoded = await asyncio.to_thread(self._encode, pairs)
+        tokens = sum(len(e.input_ids) for e in encoded)
+        if tokens > self.config.max_request_tokens:
+            # Characters bound the tokenizer's work; tokens bound the pass's (long texts are cut to the backbone's
+            # positions first, so this counts what would really run).
+            raise InputTooLarge(f"the request holds {tokens} tokens after truncation; at most "
+                                f"{self.config.max_request_tokens} (LPT_MAX_REQUEST_TOKENS): split it")
         rows = self.batcher.submit([served.adapter for served, _ in pairs], encoded, timeout)
         futures = [r.future for r in rows]
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
@@ -89,14 +90,19 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | Non
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
     finally:
         gone.cancel()
-        if not job.done():
-            job.cancel()
-    if job.cancelled():
-        log.info("client went away before its answer; its rows were dropped", extra={"path": request.url.path})
-        return None
-    return job.result()
+    if job.done():
+        return job.result()
+    # Cancelling takes effect when the job next runs: wait for it, so its rows are out of the queue when we return.
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
+    log.info("client went away before its answer; its rows were dropped", extra={"path": request.url.path})
+    return None
 
 
 async def _disconnected(request: Request) -> None:
