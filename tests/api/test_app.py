@@ -127,8 +127,14 @@ async def test_concurrent_requests_for_different_tasks_share_one_forward_pass(ti
 # ------------------------------------------------------------------------------------------------------ tasks
 async def test_tasks_listing(server):
     r = await server.client.get("/tasks")
+    assert r.json()["next"] is None
+    compact = {t["task"]: t for t in r.json()["tasks"]}
+    assert set(compact) == set(TASKS)
+    assert set(compact["beta"]) == {"task", "version", "labels", "location", "quarantined", "quarantine_reason"}
+    assert compact["beta"]["labels"] == ["a", "b", "c"] and compact["beta"]["location"] == "disk"  # not used yet
+    assert (await server.client.post("/classify/beta", json={"text": "good"})).status_code == 200
+    r = await server.client.get("/tasks", params={"view": "full"})
     tasks = {t["task"]: t for t in r.json()["tasks"]}
-    assert set(tasks) == set(TASKS)
     beta = tasks["beta"]
     assert beta["labels"] == ["a", "b", "c"] and beta["generator"] == "mppg" and beta["prompt_layer"] == 2
     assert beta["prompt_length"] == 5 and beta["location"] == "cpu" and beta["versions"] == [1]

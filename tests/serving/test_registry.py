@@ -14,7 +14,7 @@ def make_registry(tiny_backbone, tmp_path, budget_tasks: float, pinned=()) -> Re
         store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / task))
     registry = Registry(tiny_backbone, store, pinned=pinned)
     registry.load_all()
-    one = registry.get("a").nbytes
+    one = sum(registry.get(task).nbytes for task in "abcd") // 4  # all four in host memory, as a small store is
     registry.device_budget_bytes = int(one * budget_tasks)
     # Pretend the device is an accelerator: moves are CPU->CPU no-ops, the LRU bookkeeping is the real one.
     registry.offload = True

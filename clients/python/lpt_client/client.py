@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeAlias, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import pydantic
@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 # method; all other error statuses are final.
 _RETRY_STATUSES = frozenset({429, 503})
 _MAX_ERROR_TEXT = 1000
+TASKS_PAGE = 1000  # full task records per `GET /tasks` page (the server's maximum)
 _DEFAULT_HEADERS = {"Accept": "application/json", "User-Agent": "lpt-serve-client/0.1"}
 
 T = TypeVar("T")
@@ -361,8 +362,10 @@ class _LptBase:
             body.append({"task": task, "text": text})
         return _Call("POST", "/classify", parse=lambda r: _parse_classify_many(r, len(body)), json={"items": body})
 
-    def _build_tasks(self) -> _Call[list[TaskInfo]]:
-        return _Call("GET", "/tasks", parse=_parse_tasks)
+    def _build_tasks(self, cursor: str | None = None) -> _Call[TaskList]:
+        # The full records, a page at a time; a server that predates paging ignores the query and sends them all.
+        query = {"view": "full", "limit": str(TASKS_PAGE)} | ({"cursor": cursor} if cursor is not None else {})
+        return _Call("GET", f"/tasks?{urlencode(query)}", parse=_parse_tasks)
 
     def _build_task(self, task: str) -> _Call[TaskInfo]:
         return _Call("GET", f"/tasks/{_task_path(task)}", parse=_parse_task)
@@ -414,9 +417,9 @@ def _parse_classify_many(response: httpx.Response, expected: int) -> list[MixedP
     return predictions
 
 
-def _parse_tasks(response: httpx.Response) -> list[TaskInfo]:
-    tasks: list[TaskInfo] = _parse_model(response, TaskList).tasks
-    return tasks
+def _parse_tasks(response: httpx.Response) -> TaskList:
+    page: TaskList = _parse_model(response, TaskList)
+    return page
 
 
 def _parse_task(response: httpx.Response) -> TaskInfo:
@@ -518,7 +521,15 @@ class LptClient(_LptBase):
         return self._run(self._exchange(self._build_classify_many(items)))
 
     def tasks(self) -> list[TaskInfo]:
-        return self._run(self._exchange(self._build_tasks()))
+        """Every served task's full record, fetched a page at a time."""
+        tasks: list[TaskInfo] = []
+        cursor: str | None = None
+        while True:
+            page = self._run(self._exchange(self._build_tasks(cursor)))
+            tasks.extend(page.tasks)
+            if page.next is None or page.next == cursor:
+                return tasks
+            cursor = page.next
 
     def task(self, name: str) -> TaskInfo:
         return self._run(self._exchange(self._build_task(name)))
@@ -623,7 +634,15 @@ class AsyncLptClient(_LptBase):
         return await self._run(self._exchange(self._build_classify_many(items)))
 
     async def tasks(self) -> list[TaskInfo]:
-        return await self._run(self._exchange(self._build_tasks()))
+        """Every served task's full record, fetched a page at a time."""
+        tasks: list[TaskInfo] = []
+        cursor: str | None = None
+        while True:
+            page = await self._run(self._exchange(self._build_tasks(cursor)))
+            tasks.extend(page.tasks)
+            if page.next is None or page.next == cursor:
+                return tasks
+            cursor = page.next
 
     async def task(self, name: str) -> TaskInfo:
         return await self._run(self._exchange(self._build_task(name)))

@@ -92,6 +92,27 @@ class MixedResponse(BaseModel):
     predictions: list[MixedPrediction]
 
 
+class TaskSummary(BaseModel):
+    """One task in the default (compact) `GET /tasks` listing; `GET /tasks/{task}` has the full record."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    version: int
+    labels: list[str]
+    location: Literal["gpu", "cpu", "disk"] = Field(
+        description="gpu: on the accelerator; cpu: loaded in host memory; disk: in the store, loaded on first use")
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+
+
+class TaskSummaries(BaseModel):
+    """A page of the compact listing; pass `next` back as `cursor` for the following page (null: the last one)."""
+
+    tasks: list[TaskSummary]
+    next: str | None = None
+
+
 class TaskInfo(BaseModel):
     # Newer servers may report more fields; keep them (see `model_extra`) rather than fail or drop them.
     model_config = ConfigDict(extra="allow")
@@ -114,7 +135,10 @@ class TaskInfo(BaseModel):
 
 
 class TaskList(BaseModel):
+    """A page of the full listing (`GET /tasks?view=full`); `next` as in `TaskSummaries`."""
+
     tasks: list[TaskInfo]
+    next: str | None = Field(default=None, description="the cursor of the next page; null on the last page")
 
 
 class UploadResult(BaseModel):

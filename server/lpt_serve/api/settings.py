@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     backbone: str | None = Field(None, description="local BERT/RoBERTa folder; default: the all-MiniLM-L6-v2 package")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
-        "torch", description="who computes the encoder: torch, onnxruntime (fp32 on the CPU; exported to ONNX once "
-                             "and cached), or auto (onnxruntime where it can serve, torch otherwise)")
+        "auto", description="who computes the encoder: onnxruntime (fp32 on the CPU; each layer exported to ONNX once "
+                            "and cached), torch (CUDA, half precision, or a reference), or auto (onnxruntime where it "
+                            "can serve, torch otherwise)")
     onnx_cache_dir: Path | None = Field(None, description="exported ONNX graphs (default: ~/.cache/lpt-serve/onnx)")
     runtime_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: torch's)")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16 or bfloat16")
@@ -52,6 +53,13 @@ class Settings(BaseSettings):
         "either of those limits")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="size of an adapter upload at most (413)")
     device_budget_mb: float = Field(512.0, ge=0, description="adapter weights kept on the device; the rest on CPU")
+    host_budget_mb: float = Field(1024.0, ge=0, description="adapter weights kept loaded in host memory (LRU); the "
+                                  "others stay in the store and load on their first request")
+    metrics_max_tasks: int = Field(100, ge=0, description="tasks with their own series in /metrics (the first to "
+                                   "be requested); the others are counted under task=\"other\"")
+    metrics_tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="tasks that always get their own series in /metrics (comma-separated); "
+                                          "they count toward metrics_max_tasks")
     pinned_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="tasks never offloaded from the device")
     warmup: bool = Field(True, description="run one forward pass at start so /readyz means ready")
@@ -91,7 +99,7 @@ class Settings(BaseSettings):
         # LPT_ADMIN_TOKEN= (empty) in a compose file or a shell means "no token": admin routes off, as when unset.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("pinned_tasks", mode="before")
+    @field_validator("pinned_tasks", "metrics_tasks", mode="before")
     @classmethod
     def _split_pinned(cls, value):
         # LPT_PINNED_TASKS=a,b is friendlier than JSON in an environment variable.

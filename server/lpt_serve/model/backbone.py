@@ -95,7 +95,7 @@ def resolve_runtime(runtime: str | None, device: torch.device, dtype: torch.dtyp
     elif dtype != torch.float32:
         unfit = f"it serves float32 only, and the backbone is {str(dtype).removeprefix('torch.')}"
     elif missing := missing_onnx_packages():
-        unfit = f"{', '.join(missing)} is not installed (pip install onnxruntime onnx onnxscript)"
+        unfit = f"{', '.join(missing)} is not installed (pip install onnxruntime onnx)"
     if unfit is None:
         return "onnxruntime"
     if runtime == "auto":
@@ -159,7 +159,7 @@ class Backbone(nn.Module):
         runtime: str = "torch",
         onnx_cache_dir: str | Path | None = None,
         runtime_threads: int | None = None,
-        runtime_spinning: bool = True,
+        runtime_spinning: bool = False,
     ) -> Backbone:
         """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one.
 
@@ -203,15 +203,16 @@ class Backbone(nn.Module):
         return self._runtime
 
     def use_runtime(self, runtime: str = "auto", *, cache_dir: str | Path | None = None, threads: int | None = None,
-                    spinning: bool = True, progress: bool = True) -> str:
+                    spinning: bool = False, progress: bool = True) -> str:
         """Switch who computes the encoder; return the runtime's name ("torch" or "onnxruntime").
 
         onnxruntime serves inference only: a call that gradients must flow through (grad mode on and hidden states
         that require grad) always runs on torch, and `unfreeze` switches back to torch for good, because the ONNX
         graphs hold a copy of the weights taken at export. `cache_dir` (default: the per-user cache directory)
         holds the exported graphs; `threads` is ONNX Runtime's intra-op thread count (default: torch's);
-        `spinning=False` makes its idle worker threads sleep at once instead of spin-waiting (ORT's default), which
-        leaves the cores to other work between runs.
+        `spinning=False` (the default here; ORT's own is True) makes its idle worker threads sleep at once instead of
+        spin-waiting, which leaves the cores to torch between the per-layer calls: spinning threads fighting torch's
+        made the mixed pass 4x slower in `bench/runtime.py` (2 cores).
         "auto" falls back to torch, with a warning, when the export fails; "onnxruntime" raises BackboneError.
         """
         choice = resolve_runtime(runtime, self.device, self.dtype)

@@ -239,10 +239,53 @@ def classify_rows_isolated(backbone: Backbone, adapters: Sequence[TaskAdapter],
     return out
 
 
+# What one extra pass costs, in padded positions: the per-layer calls, one generator and head call per task. With
+# 64, batches of 32 MR sentences in arrival order go from 52% padded positions to 15% (64 rows: 12%), in 3-5
+# buckets a batch.
+BUCKET_OVERHEAD_POSITIONS = 64
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_POSITIONS) -> list[list[int]]:
+    """Row indices split into runs of similar length, each to be padded to its own longest row.
+
+    Rows sorted by length; the split points minimise the positions computed (rows x longest row, per bucket) plus
+    `overhead` per bucket, by dynamic programming over the sorted lengths (a batch is at most a few hundred rows).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    best = [0] * (n + 1)  # best[j]: cheapest split of the j shortest rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        best[j], cut[j] = min((best[i] + (j - i) * longest + overhead, i) for i in range(j))
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def padded_positions(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_POSITIONS) -> int:
+    """Positions the engine computes for rows of these lengths (after bucketing)."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths, overhead))
+
+
 def _classify(backbone: Backbone, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded],
               faults: Faults) -> list[torch.Tensor | None]:
+    """Each length bucket as its own mixed pass: a row's result is the same in any pass, so this only removes
+    padding (on a CPU a pass costs about its padded positions)."""
     if len(adapters) != len(encoded):
         raise ValueError("one adapter per row")
+    probs: list[torch.Tensor | None] = [None] * len(encoded)
+    for bucket in length_buckets([len(e.input_ids) for e in encoded]):
+        for i, p in zip(bucket, _classify_padded(backbone, [adapters[i] for i in bucket],
+                                                 [encoded[i] for i in bucket], faults), strict=True):
+            probs[i] = p
+    return probs
+
+
+def _classify_padded(backbone: Backbone, adapters: Sequence[TaskAdapter], encoded: Sequence[Encoded],
+                     faults: Faults) -> list[torch.Tensor | None]:
     if not encoded:
         return []
     device = backbone.device

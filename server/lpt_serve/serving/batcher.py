@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lpt_serve.errors import DeadlineExceeded, Overloaded, Unavailable
 from lpt_serve.model.adapter import TaskAdapter
-from lpt_serve.model.engine import Encoded
+from lpt_serve.model.engine import Encoded, padded_positions
 from lpt_serve.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class BatchRecord:
 
     rows: int
     tasks: dict[str, int]
-    padded_tokens: int
+    padded_tokens: int  # positions the pass computed: rows x longest row, summed over the engine's length buckets
     seconds: float
+    padding: float = 0.0  # the padded share of those positions
     started: float = field(default_factory=time.time)
 
 
@@ -230,7 +231,10 @@ class Batcher:
 
     def _record(self, batch: list[Row], elapsed: float, started: float) -> None:
         tasks = Counter(r.adapter.task for r in batch)
-        record = BatchRecord(len(batch), dict(tasks), len(batch) * max(r.tokens for r in batch), elapsed)
+        lengths = [r.tokens for r in batch]
+        positions = padded_positions(lengths)  # what the engine computes, bucketed by length as it does
+        padding = 1.0 - sum(lengths) / positions
+        record = BatchRecord(len(batch), dict(tasks), positions, elapsed, padding=padding)
         self.history.append(record)
         rate = len(batch) / max(elapsed, 1e-6)
         self._rows_per_second = rate if self._rows_per_second == 0 else 0.8 * self._rows_per_second + 0.2 * rate
@@ -239,6 +243,7 @@ class Batcher:
             m.forward_latency.observe(elapsed)
             m.batch_rows.observe(len(batch))
             m.batch_tasks.observe(len(tasks))
+            m.batch_padding.observe(padding)
             for row in batch:
-                m.queue_latency.labels(row.adapter.task).observe(started - row.enqueued)
+                m.queue_latency.labels(m.task_label(row.adapter.task)).observe(started - row.enqueued)
         log.debug("batch of %d rows, %d tasks, %.1f ms", len(batch), len(tasks), elapsed * 1000)

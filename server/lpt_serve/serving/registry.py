@@ -1,33 +1,55 @@
-"""The served tasks: adapters loaded from the store, hot upload/rollback/retire, and device placement.
+"""The served tasks in three tiers: every committed task is in the store's index (disk), the recently used ones are
+loaded in host memory up to a byte budget, and the ones in recent batches are also on the accelerator up to its
+own budget. Hot upload/rollback/retire, quarantine.
 
-Swaps are atomic: a request resolves its task to an adapter object when it is admitted and keeps that
-object, so an upload never changes what an in-flight request runs; the new version serves every request
-admitted after the swap.
+Start-up reads the index only (each task's state.json: name, current version, stored versions), never the weights,
+so time to ready does not grow with the number of tasks. A request for a task that is not in memory loads it off
+the event loop, once however many requests ask at the same moment, and then joins the next batch. A stored version
+that no longer loads answers `TaskFailed` for that task alone; the failure is remembered until an upload, a
+rollback or a retire replaces that version.
 
-Placement follows vLLM's LoRA manager: every served adapter is in CPU memory; the ones used recently are
-also on the accelerator, up to a byte budget (LRU), and pinned tasks never leave it. On a CPU-only server
-the two tiers are one. `acquire` is called only from the inference thread, so moving a module between
-devices never races a forward pass.
+Swaps are atomic: a request resolves its task to an adapter object when it is admitted (the index names the
+version, the load hands over that version's object) and keeps that object, so an upload never changes what an
+in-flight request runs. Evicting a task from host memory only drops the registry's reference: rows already queued
+hold the adapter object and still run.
 
-Quarantine: the inference thread reports each pass's failed and fully answered tasks; a served version that
-fails `quarantine_after` passes in a row is held out (its requests are refused at admission) until an upload,
-a rollback or a retire replaces it. The state lives in memory: a restart serves every task again.
+Host memory is an LRU over `host_budget_bytes`; pinned tasks load at start and never leave it. Placement on the
+accelerator follows vLLM's LoRA manager: the adapters used recently are also on the device, up to a byte budget
+(LRU), and pinned tasks never leave it. On a CPU-only server those two tiers are one. `acquire` is called only from
+the inference thread, so moving a module between devices never races a forward pass.
+
+Quarantine: the inference thread reports each pass's failed and fully answered tasks; a served version that fails
+`quarantine_after` passes in a row is held out (its requests are refused at admission) until an upload, a rollback
+or a retire replaces it. The record is keyed by (task, version), so it survives the adapter being evicted from host
+memory and loaded again. The state lives in memory: a restart serves every task again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import torch
 
-from lpt_serve.errors import AdapterError, TaskNotFound
-from lpt_serve.format import validate_task_name
-from lpt_serve.model.adapter import TaskAdapter, build_adapter, load_adapter, parse_config_json
+from lpt_serve.errors import AdapterError, StoreError, TaskFailed, TaskNotFound
+from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME, validate_task_name
+from lpt_serve.model.adapter import (
+    AdapterConfig,
+    TaskAdapter,
+    build_adapter,
+    expected_shapes,
+    load_adapter,
+    parse_config_json,
+)
 from lpt_serve.model.backbone import Backbone
 from lpt_serve.serving.store import AdapterStore
 
@@ -36,13 +58,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskHealth:
-    """One served version's failure streak. Holding the adapter itself (not its id) means a report about a
-    version that has since been replaced can never be taken for the new one."""
+    """One served version's failure streak, keyed by (task, version): a report about a version that has since been
+    replaced can never be taken for the new one, and an evicted and reloaded adapter keeps its record."""
 
-    adapter: TaskAdapter
+    version: int
     failures_in_a_row: int = 0
     last_failure: str = ""
     quarantined: bool = False
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task in the index: what the store committed, known without reading any adapter file."""
+
+    task: str
+    version: int
+    versions: tuple[int, ...]
+    path: Path  # the served version's directory
+
+    def weights_bytes(self) -> int:
+        """The stored weights' size: the host budget's estimate before the adapter is loaded."""
+        try:
+            return (self.path / WEIGHTS_NAME).stat().st_size
+        except OSError:
+            return 0
 
 
 @dataclass(frozen=True)
@@ -55,24 +94,31 @@ class ServedTask:
     versions: tuple[int, ...]
     adapter: TaskAdapter
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.adapter.state_dict().values())
 
 
 class Registry:
     def __init__(self, backbone: Backbone, store: AdapterStore, *, device_budget_bytes: int = 512 << 20,
-                 pinned: Iterable[str] = (), quarantine_after: int = 3) -> None:
+                 host_budget_bytes: int = 1 << 30, pinned: Iterable[str] = (), quarantine_after: int = 3) -> None:
         self.backbone = backbone
         self.store = store
         self.device = backbone.device
         self.offload = self.device.type != "cpu"
         self.device_budget_bytes = device_budget_bytes
+        self.host_budget_bytes = host_budget_bytes
         self.pinned = set(pinned)
-        self._tasks: dict[str, ServedTask] = {}
+        self._index: dict[str, TaskEntry] = {}  # copy-on-write: readers never see a half-updated dict
         self._mutate = threading.Lock()  # one upload/rollback/retire at a time, in this process
+        self._host_lock = threading.Lock()  # guards _host, _loading, _load_failures (event loop and threads)
+        self._host: OrderedDict[str, ServedTask] = OrderedDict()  # loaded current versions, LRU order
+        self._host_bytes = 0
+        self._loading: dict[tuple[str, int], Future] = {}  # one load per (task, version) at a time
+        self._load_failures: dict[tuple[str, int], str] = {}
+        self._versions: weakref.WeakKeyDictionary[TaskAdapter, int] = weakref.WeakKeyDictionary()
+        self._labels: dict[tuple[str, int], tuple[str, ...]] = {}  # from the config file, for listings
         self._on_device: OrderedDict[int, ServedTask] = OrderedDict()  # id(adapter) -> task, LRU order
-        self.load_errors: dict[str, str] = {}
         self.quarantine_after = quarantine_after
         self._health_lock = threading.Lock()  # the inference thread writes, the event loop reads
         self._health: dict[str, TaskHealth] = {}
@@ -83,41 +129,191 @@ class Registry:
         return adapter.to(device="cpu" if self.offload else self.device, dtype=self.backbone.dtype)
 
     def load_all(self) -> dict[str, str]:
-        """Serve exactly what the store has committed. A broken entry is logged and skipped, not fatal."""
-        loaded: dict[str, ServedTask] = {}
-        errors: dict[str, str] = {}
-        for task, record in self.store.tasks().items():
-            try:
-                adapter = self._prepare(load_adapter(record.path(), self.backbone))
-            except AdapterError as exc:
-                errors[task] = str(exc)
-                log.error("task %s v%d cannot be served: %s", task, record.current, exc)
-                continue
-            loaded[task] = ServedTask(task, record.current, record.versions, adapter)
-        self._tasks = loaded
-        self.load_errors = errors
+        """Index what the store has committed (state.json files only), then load the pinned tasks. A pinned task
+        that does not load is logged, not fatal: its requests answer `TaskFailed`."""
+        index = {task: TaskEntry(task, r.current, r.versions, r.path()) for task, r in self.store.tasks().items()}
+        with self._host_lock:
+            self._index = index
+            self._host.clear()
+            self._host_bytes = 0
+            self._load_failures.clear()
         with self._health_lock:
             self._health = {}
-        log.info("serving %d tasks: %s", len(loaded), ", ".join(f"{t}@v{s.version}" for t, s in loaded.items()))
+        errors: dict[str, str] = {}
+        for task in sorted(self.pinned & set(index)):
+            try:
+                self.get(task)
+            except TaskFailed as exc:
+                errors[task] = str(exc)
+        log.info("indexed %d tasks; %d pinned in host memory", len(index), len(self.pinned & set(index)) - len(errors))
         return errors
 
-    # ---------------------------------------------------------------------------------------------- lookup
+    @property
+    def load_errors(self) -> dict[str, str]:
+        """Why each stored version that was tried and failed does not load, by task."""
+        with self._host_lock:
+            return {task: reason for (task, version), reason in self._load_failures.items()
+                    if (e := self._index.get(task)) is not None and e.version == version}
+
+    def _claim(self, task: str) -> tuple[ServedTask | None, Future | None, TaskEntry | None]:
+        """The loaded task; or the future of its load, with the entry to load when this caller must run it."""
+        with self._host_lock:
+            entry = self._index.get(task)
+            if entry is None:
+                raise TaskNotFound(f"task {task!r} is not served")
+            served = self._host.get(task)
+            if served is not None and served.version == entry.version:
+                self._host.move_to_end(task)
+                return served, None, None
+            failure = self._load_failures.get((task, entry.version))
+            if failure is not None:
+                raise TaskFailed(failure)
+            key = (task, entry.version)
+            future = self._loading.get(key)
+            if future is not None:
+                return None, future, None
+            future = self._loading[key] = Future()
+            return None, future, entry
+
+    def _load(self, entry: TaskEntry, future: Future) -> None:
+        """Read one stored version into host memory and settle `future` with its ServedTask or TaskFailed."""
+        task = entry.task
+        key = (task, entry.version)
+        try:
+            adapter = self._prepare(load_adapter(entry.path, self.backbone))
+        except (AdapterError, StoreError, OSError) as exc:
+            reason = f"task {task!r} v{entry.version} is stored but no longer loads: {exc}"
+            log.error("%s", reason)
+            with self._host_lock:
+                self._load_failures[key] = reason
+                self._loading.pop(key, None)
+            future.set_exception(TaskFailed(reason))
+            return
+        except BaseException as exc:
+            with self._host_lock:
+                self._loading.pop(key, None)
+            future.set_exception(exc)
+            raise
+        served = ServedTask(task, entry.version, entry.versions, adapter)
+        self._versions[adapter] = entry.version
+        with self._host_lock:
+            self._loading.pop(key, None)
+            current = self._index.get(task)
+            if current is not None and current.version == entry.version:
+                self._host_put(served)
+                self._evict_host(keep=task)
+        future.set_result(served)
+
+    def _evict_host(self, keep: str) -> None:
+        """Under the lock: drop least recently used unpinned tasks while host memory is over budget. Rows already
+        queued keep their adapter object; only the registry forgets it."""
+        for task in list(self._host):
+            if self._host_bytes <= self.host_budget_bytes:
+                break
+            if task == keep or task in self.pinned:
+                continue
+            self._host_drop(task)
+            log.debug("task %s left host memory (LRU)", task)
+
+    def _host_put(self, served: ServedTask) -> None:
+        # Under the host lock.
+        self._host_drop(served.task)
+        self._host[served.task] = served
+        self._host_bytes += served.nbytes
+
+    def _host_drop(self, task: str) -> None:
+        # Under the host lock.
+        served = self._host.pop(task, None)
+        if served is not None:
+            self._host_bytes -= served.nbytes
+
     def get(self, task: str) -> ServedTask:
-        served = self._tasks.get(task)
-        if served is None:
+        """The task's current version, loaded (blocking if it is not in memory: call off the event loop, or use
+        `resolve`). TaskNotFound if not served, TaskFailed if its stored version does not load."""
+        served, future, to_load = self._claim(task)
+        if served is not None:
+            return served
+        if to_load is not None:
+            self._load(to_load, future)
+        return future.result()
+
+    async def resolve(self, task: str) -> ServedTask:
+        """As `get`, without blocking the event loop: a load runs in a worker thread, and every request that asks
+        for the same task meanwhile awaits that one load."""
+        served, future, to_load = self._claim(task)
+        if served is not None:
+            return served
+        if to_load is not None:
+            # Shielded: a request cancelled meanwhile must not leave the others waiting on a load nobody finishes.
+            await asyncio.shield(asyncio.to_thread(self._load, to_load, future))
+        return await asyncio.wrap_future(future)
+
+    # ---------------------------------------------------------------------------------------------- lookup
+    def entry(self, task: str) -> TaskEntry:
+        entry = self._index.get(task)
+        if entry is None:
             raise TaskNotFound(f"task {task!r} is not served")
-        return served
+        return entry
+
+    def entries(self) -> list[TaskEntry]:
+        index = self._index
+        return [index[t] for t in sorted(index)]
 
     def names(self) -> list[str]:
-        return sorted(self._tasks)
+        return sorted(self._index)
 
     def served(self) -> list[ServedTask]:
-        return [self._tasks[t] for t in sorted(self._tasks)]
+        """The tasks loaded in memory (host or device), by name; `entries()` lists every task."""
+        with self._host_lock:
+            loaded = dict(self._host)
+        return [loaded[t] for t in sorted(loaded)]
 
-    def location(self, served: ServedTask) -> str:
-        if not self.offload:
-            return "cpu"
-        return "gpu" if id(served.adapter) in self._on_device else "cpu"
+    def loaded(self, task: str) -> ServedTask | None:
+        """The task's current version if it is in memory; never loads."""
+        entry = self._index.get(task)
+        served = self._host.get(task)
+        if entry is None or served is None or served.version != entry.version:
+            return None
+        return served
+
+    def location(self, served: ServedTask | TaskEntry) -> str:
+        """Where a task lives now: "gpu" (and in host memory), "cpu" (host memory) or "disk" (the store only)."""
+        if isinstance(served, TaskEntry):
+            loaded = self.loaded(served.task)
+            if loaded is None or loaded.version != served.version:
+                return "disk"
+            served = loaded
+        if self.offload and id(served.adapter) in self._on_device:
+            return "gpu"
+        return "cpu" if self._host.get(served.task) is served else "disk"
+
+    def labels(self, entry: TaskEntry) -> tuple[str, ...]:
+        """The task's labels from its config file (small, read once per version); () if it cannot be read."""
+        key = (entry.task, entry.version)
+        labels = self._labels.get(key)
+        if labels is None:
+            loaded = self.loaded(entry.task)
+            if loaded is not None and loaded.version == entry.version:
+                labels = tuple(loaded.adapter.labels)
+            else:
+                try:
+                    labels = tuple(self.config(entry).labels)
+                except (AdapterError, OSError, ValueError):
+                    labels = ()
+            self._labels[key] = labels
+        return labels
+
+    def config(self, entry: TaskEntry) -> AdapterConfig:
+        """The version's config, from memory if loaded, else from its file (never the weights)."""
+        loaded = self.loaded(entry.task)
+        if loaded is not None and loaded.version == entry.version:
+            return loaded.adapter.config
+        return AdapterConfig.from_json((entry.path / CONFIG_NAME).read_bytes())
+
+    def estimated_size(self, config: AdapterConfig) -> tuple[int, int]:
+        """(parameters, bytes) the adapter would take in memory, by arithmetic over its config."""
+        numel = sum(_prod(shape) for shape in expected_shapes(config).values())
+        return numel, numel * torch.empty((), dtype=self.backbone.dtype).element_size()
 
     # ------------------------------------------------------------------------------------------- mutations
     def upload(self, task: str, config_bytes: bytes, weights_bytes: bytes) -> ServedTask:
@@ -128,7 +324,7 @@ class Registry:
         with self._mutate:
             record = self.store.commit(task, config_bytes, weights_bytes)
             served = ServedTask(task, record.current, record.versions, adapter)
-            self._swap(task, served)
+            self._swap(TaskEntry(task, record.current, record.versions, record.path()), served)
         log.info("task %s now serves v%d (%d parameters)", task, served.version, adapter.num_parameters())
         return served
 
@@ -141,7 +337,7 @@ class Registry:
             except AdapterError as exc:
                 raise AdapterError(f"version {record.current} of {task!r} no longer loads: {exc}") from exc
             served = ServedTask(task, record.current, record.versions, adapter)
-            self._swap(task, served)
+            self._swap(TaskEntry(task, record.current, record.versions, record.path()), served)
         log.info("task %s rolled back to v%d", task, served.version)
         return served
 
@@ -149,18 +345,32 @@ class Registry:
         task = validate_task_name(task)
         with self._mutate:
             self.store.retire(task)
-            tasks = dict(self._tasks)
-            tasks.pop(task, None)
-            self._tasks = tasks
+            with self._host_lock:
+                index = dict(self._index)
+                index.pop(task, None)
+                self._index = index
+                self._host_drop(task)
+                self._forget_load(task)
             self._forget_health(task)
         log.info("task %s retired", task)
 
-    def _swap(self, task: str, served: ServedTask) -> None:
-        # Copy-on-write: readers see either the old dict or the new one, never a half-updated one.
-        tasks = dict(self._tasks)
-        tasks[task] = served
-        self._tasks = tasks
-        self._forget_health(task)  # a new version (or the rolled-back one) starts with a clean record
+    def _swap(self, entry: TaskEntry, served: ServedTask) -> None:
+        self._versions[served.adapter] = served.version
+        with self._host_lock:
+            index = dict(self._index)
+            index[entry.task] = entry
+            self._index = index
+            self._forget_load(entry.task)
+            self._host_put(served)
+            self._evict_host(keep=entry.task)
+        self._forget_health(entry.task)  # a new version (or the rolled-back one) starts with a clean record
+
+    def _forget_load(self, task: str) -> None:
+        # Under the host lock. A store version number can be reused after retire (a new task starts at v1).
+        for key in [k for k in self._load_failures if k[0] == task]:
+            del self._load_failures[key]
+        for key in [k for k in self._labels if k[0] == task]:
+            del self._labels[key]
 
     # ------------------------------------------------------------------------------------------- quarantine
     def _forget_health(self, task: str) -> None:
@@ -168,19 +378,24 @@ class Registry:
             if self._health.pop(task, None) is not None:
                 log.info("task %s: failure record cleared", task)
 
-    def _current(self, adapter: TaskAdapter) -> bool:
-        served = self._tasks.get(adapter.task)
-        return served is not None and served.adapter is adapter
+    def _served_version(self, adapter: TaskAdapter) -> int | None:
+        """The version this adapter object is, if it is the version the index serves now; else None."""
+        version = self._versions.get(adapter)
+        entry = self._index.get(adapter.task)
+        if version is None or entry is None or entry.version != version:
+            return None
+        return version
 
     def record_failure(self, adapter: TaskAdapter, reason: str) -> bool:
         """A pass in which this adapter failed; True if that put it in quarantine. Reports about versions no
         longer served are ignored."""
-        if not self._current(adapter):
+        version = self._served_version(adapter)
+        if version is None:
             return False
         with self._health_lock:
             health = self._health.get(adapter.task)
-            if health is None or health.adapter is not adapter:
-                health = self._health[adapter.task] = TaskHealth(adapter)
+            if health is None or health.version != version:
+                health = self._health[adapter.task] = TaskHealth(version)
             health.failures_in_a_row += 1
             health.last_failure = reason
             if health.quarantined or health.failures_in_a_row < self.quarantine_after:
@@ -192,15 +407,21 @@ class Registry:
 
     def record_success(self, adapter: TaskAdapter) -> None:
         """A pass that answered every row of this adapter: its streak starts over."""
+        version = self._versions.get(adapter)
         with self._health_lock:
             health = self._health.get(adapter.task)
-            if health is not None and health.adapter is adapter and not health.quarantined:
+            if health is not None and health.version == version and not health.quarantined:
                 del self._health[adapter.task]
 
     def quarantine_reason(self, adapter: TaskAdapter) -> str | None:
         """Why this adapter is held out of every batch, or None if it is not."""
-        health = self._health.get(adapter.task)
-        if health is None or health.adapter is not adapter or not health.quarantined:
+        version = self._versions.get(adapter)
+        return None if version is None else self.quarantine_reason_of(adapter.task, version)
+
+    def quarantine_reason_of(self, task: str, version: int) -> str | None:
+        """As `quarantine_reason`, by name and version: asks nothing of the adapter, so it never loads one."""
+        health = self._health.get(task)
+        if health is None or health.version != version or not health.quarantined:
             return None
         return f"it failed {health.failures_in_a_row} forward passes in a row (last: {health.last_failure})"
 
@@ -210,7 +431,8 @@ class Registry:
         if not self.offload:
             return
         needed = {id(a): a for a in adapters}
-        by_adapter = {id(s.adapter): s for s in self._tasks.values()}
+        with self._host_lock:
+            by_adapter = {id(s.adapter): s for s in self._host.values()}
         for key, adapter in needed.items():
             if key in self._on_device:
                 self._on_device.move_to_end(key)
@@ -228,11 +450,18 @@ class Registry:
             served.adapter.to("cpu")
             del self._on_device[key]
             used -= served.nbytes
-        # Versions no longer served hold no device memory.
+        # Versions no longer served, and tasks evicted from host memory, hold no device memory.
         for key in [k for k in self._on_device if k not in by_adapter and k not in needed]:
             self._on_device.pop(key).adapter.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _with_task_name(config_bytes: bytes, task: str) -> bytes:

@@ -36,7 +36,7 @@ class ServiceConfig:
     backbone: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    runtime: str = "torch"
+    runtime: str = "auto"
     onnx_cache_dir: Path | None = None
     runtime_threads: int | None = None
     max_batch_size: int = 64
@@ -49,7 +49,10 @@ class ServiceConfig:
     max_request_tokens: int = 65_536
     max_length: int | None = None
     device_budget_mb: float = 512.0
+    host_budget_mb: float = 1024.0  # adapters kept loaded in host memory (LRU); the rest load from the store on use
     pinned_tasks: Sequence[str] = field(default_factory=tuple)
+    metrics_max_tasks: int = 100  # tasks with their own metric series; the rest are counted as task="other"
+    metrics_tasks: Sequence[str] = field(default_factory=tuple)  # always their own series (within the cap)
     warmup: bool = True
     quarantine_after: int = 3  # failed passes in a row before a task is held out until an upload or rollback
     keep_versions: int | None = 5  # stored versions kept per task, the served one included; None keeps all
@@ -85,7 +88,7 @@ class Service:
     def __init__(self, config: ServiceConfig, backbone: Backbone | None = None) -> None:
         self.config = config
         self.backbone = backbone
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_tasks=config.metrics_max_tasks, allow=config.metrics_tasks)
         self.store: AdapterStore | None = None
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
@@ -98,7 +101,8 @@ class Service:
             self.backbone = await asyncio.to_thread(load_backbone, c)
         self.store = await asyncio.to_thread(self._open_store)
         self.registry = Registry(self.backbone, self.store, device_budget_bytes=int(c.device_budget_mb * 2**20),
-                                 pinned=c.pinned_tasks, quarantine_after=c.quarantine_after)
+                                 host_budget_bytes=int(c.host_budget_mb * 2**20), pinned=c.pinned_tasks,
+                                 quarantine_after=c.quarantine_after)
         await asyncio.to_thread(self.registry.load_all)
         self.metrics.tasks_served.set(len(self.registry.names()))
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
@@ -165,16 +169,32 @@ class Service:
         return answers  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- classify
-    def resolve(self, task: str) -> ServedTask:
-        """The adapter version a request will run, fixed at admission (TaskNotFound if not served, TaskQuarantined
-        if it keeps failing: its requests never enter a batch)."""
+    async def resolve(self, task: str) -> ServedTask:
+        """The adapter version a request will run, fixed at admission: the index names the version, then its
+        adapter is loaded if it is not in memory (TaskNotFound if not served, TaskQuarantined if it keeps failing:
+        its requests never enter a batch, TaskFailed if its stored version no longer loads)."""
         if not self.ready or self.registry is None:
             raise Unavailable("the server is starting; retry shortly", retry_after=1)
-        served = self.registry.get(task)
+        entry = self.registry.entry(task)
+        reason = self.registry.quarantine_reason_of(task, entry.version)  # held out: not worth a load
+        if reason is not None:
+            raise TaskQuarantined(f"task {task!r} v{entry.version} is quarantined: {reason}")
+        served = self.registry.loaded(task) or await self.registry.resolve(task)
         reason = self.registry.quarantine_reason(served.adapter)
         if reason is not None:
             raise TaskQuarantined(f"task {task!r} v{served.version} is quarantined: {reason}")
         return served
+
+    async def resolve_many(self, tasks: Sequence[str]) -> list[ServedTask]:
+        """`resolve` for each task, in order, the cold ones loading side by side; the first failing task (in
+        request order) decides the error."""
+        names = list(dict.fromkeys(tasks))
+        outcomes = await asyncio.gather(*(self.resolve(t) for t in names), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        by_name = dict(zip(names, outcomes, strict=True))
+        return [by_name[t] for t in tasks]
 
     def resolve_registry(self) -> Registry:
         if self.registry is None:
@@ -230,8 +250,9 @@ class Service:
         for served, _ in pairs:
             per_task[served.task] = per_task.get(served.task, 0) + 1
         for task, n in per_task.items():
-            self.metrics.rows.labels(task).inc(n)
-            self.metrics.request_latency.labels(task).observe(elapsed)
+            label = self.metrics.task_label(task)
+            self.metrics.rows.labels(label).inc(n)
+            self.metrics.request_latency.labels(label).observe(elapsed)
         return out
 
     def _encode(self, pairs: Sequence[tuple[ServedTask, str]]) -> list[Encoded]:

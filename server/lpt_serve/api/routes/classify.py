@@ -44,7 +44,7 @@ async def classify_task(task: TaskPath, body: ClassifyRequest, request: Request,
 
     Texts longer than the backbone's limit are cut to fit and flagged `truncated: true`.
     """
-    served = service.resolve(task)
+    served = await service.resolve(task)
     predictions = await _answer(request, service, [(served, text) for text in body.all_texts()])
     if predictions is None:
         return Response(status_code=CLIENT_GONE)
@@ -56,7 +56,8 @@ async def classify_task(task: TaskPath, body: ClassifyRequest, request: Request,
 async def classify_mixed(body: MixedRequest, request: Request, service: ServiceDep):
     """Many tasks in one call: one prediction per item, in order. Items on the same text (and template) share
     the layers below the prompt layer."""
-    pairs = [(service.resolve(item.task), item.text) for item in body.items]
+    resolved = await service.resolve_many([item.task for item in body.items])
+    pairs = [(served, item.text) for served, item in zip(resolved, body.items, strict=True)]
     predictions = await _answer(request, service, pairs)
     if predictions is None:
         return Response(status_code=CLIENT_GONE)
@@ -75,12 +76,12 @@ async def _answer(request: Request, service: Service,
     except Exception as exc:
         kind = kind_of(exc)
         for task in tasks:
-            metrics.requests.labels(task, str(kind.status)).inc()
-            metrics.errors.labels(task, kind.type).inc()
+            metrics.requests.labels(metrics.task_label(task), str(kind.status)).inc()
+            metrics.errors.labels(metrics.task_label(task), kind.type).inc()
         raise
     if predictions is not None:
         for task in tasks:
-            metrics.requests.labels(task, "200").inc()
+            metrics.requests.labels(metrics.task_label(task), "200").inc()
     return predictions
 
 

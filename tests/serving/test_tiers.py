@@ -1,0 +1,149 @@
+"""Tiers: the store's index at start, host memory (LRU over a byte budget, with pinning) on demand, and the
+accelerator (tests/serving/test_registry.py). Loads are counted by wrapping the registry's `load_adapter`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import lpt_serve.serving.registry as registry_module
+from lpt_serve.api.app import create_app
+from lpt_serve.api.settings import Settings
+from lpt_serve.errors import TaskFailed
+from lpt_serve.format import WEIGHTS_NAME
+from lpt_serve.serving.registry import Registry
+from lpt_serve.serving.store import AdapterStore
+from tests.helpers import make_adapter, serving
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Every adapter directory the registry reads weights from, in order."""
+    seen: list[str] = []
+    real = registry_module.load_adapter
+
+    def counting(directory, backbone):
+        seen.append(directory.parent.name)
+        return real(directory, backbone)
+
+    monkeypatch.setattr(registry_module, "load_adapter", counting)
+    return seen
+
+
+@pytest.fixture
+def store(tiny_backbone, tmp_path) -> AdapterStore:
+    store = AdapterStore(tmp_path / "store")
+    for i, task in enumerate(NAMES):
+        store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / "src" / task))
+    return store
+
+
+def one_adapter_bytes(tiny_backbone, tmp_path) -> int:
+    registry = Registry(tiny_backbone, AdapterStore(tmp_path / "probe"))
+    return registry.estimated_size(make_adapter(tiny_backbone, "x").config)[1]
+
+
+def tiers(registry: Registry) -> dict[str, str]:
+    return {e.task: registry.location(e) for e in registry.entries()}
+
+
+def test_start_up_reads_the_index_not_the_weights(tiny_backbone, store, loads):
+    registry = Registry(tiny_backbone, store, pinned=["c"])
+    registry.load_all()
+    assert loads == ["c"]  # the pinned task only
+    assert registry.names() == NAMES
+    assert tiers(registry) == {"a": "disk", "b": "disk", "c": "cpu", "d": "disk", "e": "disk"}
+    assert registry.labels(registry.entry("a")) == ("neg", "pos")  # from the config file: still no weights read
+    assert loads == ["c"]
+    assert registry.get("a").version == 1 and loads == ["c", "a"]
+    assert registry.location(registry.entry("a")) == "cpu"
+
+
+async def test_a_cold_task_loads_once_however_many_ask(tiny_backbone, store, loads):
+    registry = Registry(tiny_backbone, store)
+    registry.load_all()
+    served = await asyncio.gather(*(registry.resolve(t) for t in ["a"] * 20 + ["b"] * 5))
+    assert sorted(loads) == ["a", "b"]
+    assert len({id(s.adapter) for s in served[:20]}) == 1 and served[0].task == "a"
+    assert len({id(s.adapter) for s in served[20:]}) == 1 and served[20].task == "b"
+    assert (await registry.resolve("a")) is served[0] and sorted(loads) == ["a", "b"]
+
+
+def test_host_memory_is_an_lru_over_its_budget_and_pinned_tasks_stay(tiny_backbone, store, tmp_path, loads):
+    one = one_adapter_bytes(tiny_backbone, tmp_path)
+    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 2.5), pinned=["a"])
+    registry.load_all()
+    held = registry.get("b").adapter
+    registry.get("c")
+    # Three would be over 2.5: the least recently used unpinned one (b) left; a is pinned, c was just loaded.
+    assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "cpu", "d": "disk", "e": "disk"}
+    registry.get("c")
+    registry.get("d")
+    assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "disk", "d": "cpu", "e": "disk"}
+    # A row still holding b's evicted adapter keeps a working module; asking again loads b anew.
+    assert held.labels == ["neg", "pos"] and next(held.parameters()).numel() > 0
+    again = registry.get("b")
+    assert again.adapter is not held and again.version == 1
+    assert loads == ["a", "b", "c", "d", "b"]
+    assert tiers(registry)["a"] == "cpu"
+
+
+def test_quarantine_survives_eviction_and_reload(tiny_backbone, store, tmp_path):
+    one = one_adapter_bytes(tiny_backbone, tmp_path)
+    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 1.5), quarantine_after=2)
+    registry.load_all()
+    first = registry.get("a").adapter
+    assert [registry.record_failure(first, "boom") for _ in range(2)] == [False, True]
+    registry.get("b")  # a leaves host memory
+    assert registry.location(registry.entry("a")) == "disk"
+    reloaded = registry.get("a").adapter
+    assert reloaded is not first
+    assert registry.quarantine_reason(reloaded) == "it failed 2 forward passes in a row (last: boom)"
+    assert registry.quarantine_reason_of("a", 1) is not None and registry.quarantine_reason_of("b", 1) is None
+
+
+def test_a_stored_adapter_that_no_longer_loads_fails_alone(tiny_backbone, store, loads):
+    (store.get("b").path() / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    registry = Registry(tiny_backbone, store)
+    assert registry.load_all() == {}  # nothing was loaded, so nothing failed yet
+    with pytest.raises(TaskFailed, match="task 'b' v1 is stored but no longer loads"):
+        registry.get("b")
+    with pytest.raises(TaskFailed):
+        registry.get("b")  # remembered: the weights are not read again
+    assert loads == ["b"] and "b" in registry.load_errors
+    assert registry.get("a").task == "a"
+
+
+async def test_http_a_broken_task_answers_its_own_error_while_others_serve(tiny_backbone, store, loads):
+    (store.get("b").path() / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
+    app = create_app(Settings(store=store.root, max_wait_ms=2), backbone=tiny_backbone)
+    async with serving(app) as client:
+        assert loads == []  # ready before any weights were read
+        responses = await asyncio.gather(*(client.post(f"/classify/{t}", json={"text": "good"})
+                                           for t in ["a", "b", "c", "b", "a"]))
+        assert [r.status_code for r in responses] == [200, 500, 200, 500, 200]
+        assert responses[1].json()["error"]["type"] == "task_failed"
+        assert "no longer loads" in responses[1].json()["error"]["message"]
+        assert sorted(loads) == ["a", "b", "c"]  # each once, b's failure included
+        mixed = await client.post("/classify", json={"items": [{"task": "a", "text": "x"},
+                                                              {"task": "b", "text": "y"}]})
+        assert mixed.status_code == 500
+        listed = {t["task"]: t["location"] for t in (await client.get("/tasks")).json()["tasks"]}
+        assert listed == {"a": "cpu", "b": "disk", "c": "cpu", "d": "disk", "e": "disk"}
+
+
+async def test_http_rows_of_an_evicted_task_still_run(tiny_backbone, store, tmp_path):
+    one = one_adapter_bytes(tiny_backbone, tmp_path)
+    budget_mb = one * 1.5 / 2**20
+    app = create_app(Settings(store=store.root, max_wait_ms=50, host_budget_mb=budget_mb), backbone=tiny_backbone)
+    async with serving(app) as client:
+        # Five tasks at once with room for one: each request's adapter leaves host memory while its row waits.
+        responses = await asyncio.gather(*(client.post(f"/classify/{t}", json={"texts": ["good", "bad"]})
+                                           for t in NAMES))
+        assert [r.status_code for r in responses] == [200] * 5
+        assert [r.json()["task"] for r in responses] == NAMES
+        service = app.state.service
+        assert sum(1 for loc in tiers(service.registry).values() if loc == "cpu") == 1
