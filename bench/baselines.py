@@ -41,11 +41,9 @@ from bench.common import (
     markdown_table,
     now_iso,
     result_path,
-    set_threads,
-    wait_until_quiet,
+    start_run,
     write_json,
 )
-from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "baselines"
 DEFAULT_L2 = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -276,10 +274,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
-    set_threads(args.threads)
-    wait = {"skipped": True} if args.no_wait else wait_until_quiet()
-    monitor = CpuMonitor()
+    wait, monitor = start_run(args)
     from lpt_serve.model.backbone import Backbone
 
     started = time.perf_counter()

@@ -234,3 +234,14 @@ def header(title: str, machine: dict[str, Any], extra: str = "", cpu: dict[str, 
             line += f"\n{more}"
     return line
 
+
+
+def start_run(args: Any) -> tuple[dict[str, Any], CpuMonitor]:
+    """What every benchmark does first: quiet transformers, fix the thread count, wait for the machine to be quiet
+    (unless `--no-wait`; the wait is recorded with the results), and start watching the CPU."""
+    from lpt_serve.model.backbone import quiet_transformers
+
+    quiet_transformers()
+    set_threads(args.threads)
+    wait = {"skipped": True} if args.no_wait else wait_until_quiet()
+    return wait, CpuMonitor()

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    CpuMonitor,
     fmt,
     header,
     machine_info,
@@ -48,11 +47,9 @@ from bench.common import (
     now_iso,
     ratio,
     result_path,
-    set_threads,
-    wait_until_quiet,
+    start_run,
     write_json,
 )
-from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "runtime"
 RAW = "raw transformers"
@@ -152,10 +149,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
-    set_threads(args.threads)
-    wait = {"skipped": True} if args.no_wait else wait_until_quiet()
-    monitor = CpuMonitor()
+    wait, monitor = start_run(args)
     import onnxruntime
     import torch
     from transformers import AutoModel

@@ -57,10 +57,9 @@ from bench.common import (
     ratio,
     result_path,
     set_threads,
-    wait_until_quiet,
+    start_run,
     write_json,
 )
-from lpt_serve.model.backbone import quiet_transformers
 
 NAME = "serving"
 TARGET_HTTP_VS_FORWARD = 0.85
@@ -341,10 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         serve_worker(args.serve_args, args.server_threads)
         return 0
-    quiet_transformers()
-    set_threads(args.threads)
-    wait = {"skipped": True} if args.no_wait else wait_until_quiet()
-    monitor = CpuMonitor()
+    wait, monitor = start_run(args)
     from lpt_serve.model.backbone import Backbone
     from lpt_serve.training.data import materialize, read_examples
 

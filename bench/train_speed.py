@@ -63,7 +63,7 @@ from bench.common import (
     result_path,
     rss_mb,
     set_threads,
-    wait_until_quiet,
+    start_run,
     write_json,
 )
 from lpt_serve.model.backbone import quiet_transformers
@@ -271,10 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = step_worker(args.worker, args)
         args.worker_out.write_text(json.dumps(result))
         return 0
-    quiet_transformers()
-    set_threads(args.threads)
-    wait = {"skipped": True} if args.no_wait else wait_until_quiet()
-    monitor = CpuMonitor()
+    wait, monitor = start_run(args)
     started = time.perf_counter()
     machine = machine_info()
     steps: dict[str, dict] = {}

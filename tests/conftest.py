@@ -6,7 +6,7 @@ import pytest
 
 from lpt_serve.model.backbone import Backbone, quiet_transformers
 from lpt_serve.serving.store import AdapterStore
-from tests.helpers import make_adapter
+from tests.helpers import ServerProcess, make_adapter
 from tests.tiny import make_tiny_bert
 
 quiet_transformers()
@@ -41,6 +41,14 @@ def tiny_backbone(tiny_folder) -> Backbone:
 @pytest.fixture(scope="session")
 def tiny_mlm_backbone(tiny_mlm_folder) -> Backbone:
     return Backbone.load(tiny_mlm_folder, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def server(tiny_folder, store_root):
+    """`lpt-serve` in a subprocess on the tiny backbone over `store_root`, admin token `helpers.ADMIN_TOKEN`."""
+    srv = ServerProcess(tiny_folder, store_root)
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture

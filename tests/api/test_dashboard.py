@@ -110,6 +110,8 @@ async def test_counts_match_what_was_sent_and_what_metrics_says(tiny_backbone, s
     assert batches[0]["tasks"] == {"alpha": 1, "beta": 2} and batches[0]["rows"] == 3  # newest first: the mixed one
     assert sum(b["rows"] for b in batches) == 21
     assert all(b["ms"] >= 0 and sum(b["tasks"].values()) == b["rows"] for b in batches)
+    # Padding per pass, after the engine's length buckets: at least one position per row, never all padding.
+    assert all(0 <= b["padding"] < 1 and b["padded_tokens"] >= b["rows"] for b in batches)
 
     # One source of truth: what /metrics says is what the dashboard says.
     families = {f.name: f for f in text_string_to_metric_families(metrics_text)}

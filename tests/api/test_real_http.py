@@ -37,13 +37,6 @@ main(sys.argv[2:])
 """
 
 
-@pytest.fixture
-def server(tiny_folder, store_root):
-    srv = ServerProcess(tiny_folder, store_root)
-    yield srv
-    srv.stop()
-
-
 def test_client_over_real_http(server, tiny_backbone, tmp_path):
     with LptClient(server.url, admin_token=TOKEN) as client:
         result = client.classify("alpha", ["good film", "bad"])

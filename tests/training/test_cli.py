@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lpt_serve.training.cli import build_parser
-from tests.helpers import ADMIN_TOKEN, ServerProcess, free_port, make_adapter
+from tests.helpers import ADMIN_TOKEN, free_port, make_adapter
 
 ROWS = [("a fine film", "pos"), ("a dull film", "neg"), ("great acting", "pos"), ("boring plot", "neg")]
 # Variables the commands read; removed from the children's environment so the runner's own cannot leak in.
@@ -128,13 +128,6 @@ def test_train_checks_the_device_before_reading_data(tiny_folder, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- against a server
-@pytest.fixture
-def server(tiny_folder, store_root):
-    srv = ServerProcess(tiny_folder, store_root)
-    yield srv
-    srv.stop()
-
-
 def test_rollback_and_delete(server, tiny_backbone, tmp_path):
     env = {"LPT_URL": server.url, "LPT_ADMIN_TOKEN": ADMIN_TOKEN}
     folder = make_adapter(tiny_backbone, "alpha", seed=5).save(tmp_path / "v2")

@@ -436,7 +436,8 @@ class Dashboard:
         total = state.totals
         recent_batches = list(self.batches())[-RECENT_BATCHES:]
         batches = [{"rows": b.rows, "tasks": dict(b.tasks), "ms": round(b.seconds * 1000, 3),
-                    "padded_tokens": b.padded_tokens, "started": b.started} for b in reversed(recent_batches)]
+                    "padded_tokens": b.padded_tokens, "padding": round(b.padding, 4), "started": b.started}
+                   for b in reversed(recent_batches)]
         quarantined = [{"task": t, "version": served[t]["version"], "reason": r} for t, r in sorted(quarantine.items())]
         return {
             "time": wall,

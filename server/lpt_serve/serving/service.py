@@ -36,7 +36,7 @@ class ServiceConfig:
     backbone: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    runtime: str = "auto"
+    runtime: str = "torch"
     onnx_cache_dir: Path | None = None
     runtime_threads: int | None = None
     max_batch_size: int = 64

@@ -221,12 +221,7 @@ class AdapterStore:
         the current one included (None keeps them all)."""
         if keep_versions is not None and (type(keep_versions) is not int or keep_versions < 1):
             raise ValueError(f"keep_versions must be None or at least 1, got {keep_versions!r}")
-        self.root = Path(root).resolve()
-        self.keep_versions = keep_versions
-        self._tmp = self.root / TMP_DIR_NAME
-        self._lock_path = self.root / LOCK_NAME
-        self._thread_lock = threading.Lock()
-        self._always_read_only = False
+        self._locate(root, keep_versions, always_read_only=False)
         self.make_root(self.root)
         self._unwritable: tuple[str, str] | None = self._why_unwritable()
         if self._unwritable is not None:
@@ -250,14 +245,17 @@ class AdapterStore:
     def read_only(cls, root: Path) -> AdapterStore:
         """A store object for reading only: no recovery, no lock, nothing written (the shipped seed data)."""
         store = cls.__new__(cls)
-        store.root = Path(root).resolve()
-        store.keep_versions = None
-        store._tmp = store.root / TMP_DIR_NAME
-        store._lock_path = store.root / LOCK_NAME
-        store._thread_lock = threading.Lock()
-        store._always_read_only = True
+        store._locate(root, None, always_read_only=True)
         store._unwritable = ("it was opened with AdapterStore.read_only", "open it with AdapterStore(root)")
         return store
+
+    def _locate(self, root: Path | str, keep_versions: int | None, *, always_read_only: bool) -> None:
+        self.root = Path(root).resolve()
+        self.keep_versions = keep_versions
+        self._tmp = self.root / TMP_DIR_NAME
+        self._lock_path = self.root / LOCK_NAME
+        self._thread_lock = threading.Lock()
+        self._always_read_only = always_read_only
 
     @property
     def read_only_reason(self) -> str | None:

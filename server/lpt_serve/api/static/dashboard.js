@@ -197,7 +197,8 @@ function render(d) {
                              style: "width:" + (100 * b.tasks[n] / b.rows) + "%;background:" + colour(n)}));
     }
     items.push(el("li", {"data-testid": "batch", "data-rows": b.rows, "data-tasks": names.join(",")},
-      el("span", {}, b.rows + (b.rows === 1 ? " row" : " rows") + " · " + fmt(b.ms) + " ms"),
+      el("span", {title: "padded share of the positions computed, after length buckets"},
+         b.rows + (b.rows === 1 ? " row" : " rows") + " · " + fmt(b.ms) + " ms · pad " + Math.round(100 * b.padding) + "%"),
       el("div", {class: "track"}, bar),
       el("span", {class: "mix"}, names.map(n => n + " " + b.tasks[n]).join(" · "))));
   }
