@@ -62,9 +62,10 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from lpt_serve.errors import NothingToRollBack, StoreError, StoreUnwritable, TaskNotFound
 from lpt_serve.format import ADAPTER_FILES, CONFIG_NAME, TASK_NAME_PATTERN, WEIGHTS_NAME, validate_task_name
@@ -84,6 +85,8 @@ LOCK_NAME = ".lock"
 # Written once the store has been initialised (seeded or not), so that retiring every demo task does not bring
 # them back at the next start.
 SEEDED_NAME = ".seeded"
+
+T = TypeVar("T")
 
 # No leading zeros: "v01" and "v1" would otherwise name the same version.
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
@@ -182,6 +185,17 @@ def _write_durably_replace(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _required(task: str, read: Callable[[], T | None]) -> T:
+    """What `read` finds of `task`; TaskNotFound when it finds nothing, or the task's state is unreadable."""
+    try:
+        found = read()
+    except StoreError as e:
+        raise TaskNotFound(f"task {task!r} is not servable: {e}") from e
+    if found is None:
+        raise TaskNotFound(f"task {task!r} not found")
+    return found
 
 
 def _bytes_chunks(data: bytes) -> Iterator[memoryview]:
@@ -404,13 +418,7 @@ class AdapterStore:
 
     def get(self, task: str) -> TaskRecord:
         """The served record of ``task``; raises TaskNotFound when it is absent or not servable. Lock-free."""
-        try:
-            record = self._load(task)
-        except StoreError as e:
-            raise TaskNotFound(f"task {task!r} is not servable: {e}") from e
-        if record is None:
-            raise TaskNotFound(f"task {task!r} not found")
-        return record
+        return _required(task, lambda: self._load(task))
 
     # ---- mutating ------------------------------------------------------------------------------------------
 
@@ -646,13 +654,7 @@ class AdapterStore:
         """Make the previous version in history current again; NothingToRollBack if there is none."""
         task_dir = self._task_dir(task)
         with self._changing(f"roll back {task!r}"):
-            try:
-                state = self._read_state(task_dir)
-            except StoreError as e:
-                raise TaskNotFound(f"task {task!r} is not servable: {e}") from e
-            if state is None:
-                raise TaskNotFound(f"task {task!r} not found")
-            _, history = state
+            _, history = _required(task, lambda: self._read_state(task_dir))
             complete = set(self._complete_versions(task_dir))
             remaining = list(history[:-1])
             # Only land on a version that can actually be served; should never skip anything in practice.
