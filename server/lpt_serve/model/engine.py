@@ -249,15 +249,21 @@ def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_POSIT
     """Row indices split into runs of similar length, each to be padded to its own longest row.
 
     Rows sorted by length; the split points minimise the positions computed (rows x longest row, per bucket) plus
-    `overhead` per bucket, by dynamic programming over the sorted lengths (a batch is at most a few hundred rows).
+    `overhead` per bucket, by dynamic programming over the sorted lengths. A cut between rows of equal length never
+    helps, so only the points where the length changes are tried: quadratic in the distinct lengths (at most the
+    backbone's positions), not in the rows, so a batch of thousands of rows costs no more to split.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     n = len(order)
-    best = [0] * (n + 1)  # best[j]: cheapest split of the j shortest rows
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
+    # ends[g]: how many of the sorted rows have a length <= the g-th distinct length.
+    ends = [j for j in range(1, n + 1) if j == n or lengths[order[j]] != lengths[order[j - 1]]]
+    best = {0: 0}  # best[j]: cheapest split of the j shortest rows, for j at a length change
+    cut = {0: 0}
+    starts = [0]
+    for j in ends:
         longest = lengths[order[j - 1]]
-        best[j], cut[j] = min((best[i] + (j - i) * longest + overhead, i) for i in range(j))
+        best[j], cut[j] = min((best[i] + (j - i) * longest + overhead, i) for i in starts)
+        starts.append(j)
     buckets, j = [], n
     while j > 0:
         buckets.append(order[cut[j]:j])
