@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -292,14 +293,10 @@ class Registry:
         key = (entry.task, entry.version)
         labels = self._labels.get(key)
         if labels is None:
-            loaded = self.loaded(entry.task)
-            if loaded is not None and loaded.version == entry.version:
-                labels = tuple(loaded.adapter.labels)
-            else:
-                try:
-                    labels = tuple(self.config(entry).labels)
-                except (AdapterError, OSError, ValueError):
-                    labels = ()
+            try:
+                labels = tuple(self.config(entry).labels)  # from memory when loaded, else the config file
+            except (AdapterError, OSError, ValueError):
+                labels = ()
             self._labels[key] = labels
         return labels
 
@@ -312,7 +309,7 @@ class Registry:
 
     def estimated_size(self, config: AdapterConfig) -> tuple[int, int]:
         """(parameters, bytes) the adapter would take in memory, by arithmetic over its config."""
-        numel = sum(_prod(shape) for shape in expected_shapes(config).values())
+        numel = sum(math.prod(shape) for shape in expected_shapes(config).values())
         return numel, numel * torch.empty((), dtype=self.backbone.dtype).element_size()
 
     # ------------------------------------------------------------------------------------------- mutations
@@ -455,13 +452,6 @@ class Registry:
             self._on_device.pop(key).adapter.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _with_task_name(config_bytes: bytes, task: str) -> bytes:

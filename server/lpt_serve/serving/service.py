@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ class ServiceConfig:
     device_budget_mb: float = 512.0
     host_budget_mb: float = 1024.0  # adapters kept loaded in host memory (LRU); the rest load from the store on use
     pinned_tasks: Sequence[str] = field(default_factory=tuple)
-    metrics_max_tasks: int = 100  # tasks with their own metric series; the rest are counted as task="other"
+    metrics_max_tasks: int = 100  # tasks with their own metric series; the rest are counted as task="_other"
     metrics_tasks: Sequence[str] = field(default_factory=tuple)  # always their own series (within the cap)
     warmup: bool = True
     quarantine_after: int = 3  # failed passes in a row before a task is held out until an upload or rollback
@@ -75,6 +76,10 @@ def prediction(served: ServedTask, encoded: Encoded, probabilities: Sequence[flo
     scores = dict(zip(labels, (float(p) for p in probabilities), strict=True))
     best = max(labels, key=scores.__getitem__)
     return Prediction(served.task, served.version, best, scores[best], scores, encoded.truncated)
+
+
+def _starting() -> Unavailable:
+    return Unavailable("the server is starting; retry shortly", retry_after=1)
 
 
 def load_backbone(config: ServiceConfig) -> Backbone:
@@ -174,16 +179,16 @@ class Service:
         adapter is loaded if it is not in memory (TaskNotFound if not served, TaskQuarantined if it keeps failing:
         its requests never enter a batch, TaskFailed if its stored version no longer loads)."""
         if not self.ready or self.registry is None:
-            raise Unavailable("the server is starting; retry shortly", retry_after=1)
-        entry = self.registry.entry(task)
-        reason = self.registry.quarantine_reason_of(task, entry.version)  # held out: not worth a load
-        if reason is not None:
-            raise TaskQuarantined(f"task {task!r} v{entry.version} is quarantined: {reason}")
+            raise _starting()
+        self._refuse_if_quarantined(task, self.registry.entry(task).version)  # held out: not worth a load
         served = self.registry.loaded(task) or await self.registry.resolve(task)
-        reason = self.registry.quarantine_reason(served.adapter)
-        if reason is not None:
-            raise TaskQuarantined(f"task {task!r} v{served.version} is quarantined: {reason}")
+        self._refuse_if_quarantined(task, served.version)  # the version the load handed over
         return served
+
+    def _refuse_if_quarantined(self, task: str, version: int) -> None:
+        reason = self.registry.quarantine_reason_of(task, version)
+        if reason is not None:
+            raise TaskQuarantined(f"task {task!r} v{version} is quarantined: {reason}")
 
     async def resolve_many(self, tasks: Sequence[str]) -> list[ServedTask]:
         """`resolve` for each task, in order, the cold ones loading side by side; the first failing task (in
@@ -198,7 +203,7 @@ class Service:
 
     def resolve_registry(self) -> Registry:
         if self.registry is None:
-            raise Unavailable("the server is starting; retry shortly", retry_after=1)
+            raise _starting()
         return self.registry
 
     def check_texts(self, texts: Sequence[str]) -> None:
@@ -217,7 +222,7 @@ class Service:
         """Tokenize per task, queue every row, wait for all of them or the deadline. Cancelling this (the client
         went away) drops the rows that have not run yet."""
         if not self.ready or self.batcher is None:
-            raise Unavailable("the server is starting; retry shortly", retry_after=1)
+            raise _starting()
         self.check_texts([text for _, text in pairs])
         timeout = self.config.request_timeout_s
         started = time.monotonic()
@@ -246,10 +251,7 @@ class Service:
                 f.cancel()  # a no-op on finished rows; drops the others before their pass
         elapsed = time.monotonic() - started
         out = [prediction(served, enc, probs) for (served, _), enc, probs in zip(pairs, encoded, results, strict=True)]
-        per_task: dict[str, int] = {}
-        for served, _ in pairs:
-            per_task[served.task] = per_task.get(served.task, 0) + 1
-        for task, n in per_task.items():
+        for task, n in Counter(served.task for served, _ in pairs).items():
             label = self.metrics.task_label(task)
             self.metrics.rows.labels(label).inc(n)
             self.metrics.request_latency.labels(label).observe(elapsed)
