@@ -3,6 +3,8 @@ guards every request passes before any route reads its body: the admin gate and 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -43,15 +45,20 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     """Build the app; pass `backbone` to reuse one already loaded (tests, benchmarks)."""
     settings = settings or Settings()
     service = Service(settings.service_config(), backbone)
+    dashboard = dashboard_for(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if not settings.admin_enabled():
             log.warning("LPT_ADMIN_TOKEN is not set: admin routes (upload, delete, rollback) are off")
         await service.start()
+        sampler = asyncio.create_task(dashboard.run_sampler(), name="dashboard-sampler")
         try:
             yield
         finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             await service.stop()
 
     # FastAPIOffline serves /docs and /redoc from assets installed with it: they work without internet.
@@ -70,7 +77,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     install_handlers(app)
     for module in (classify, tasks, admin, ops):
         app.include_router(module.router)
-    install_dashboard(app, dashboard_for(service))
+    install_dashboard(app, dashboard)
     # The last added runs first: the gate answers 401/403 before the cap counts (or anything reads) a byte.
     app.add_middleware(BodyCap, settings=settings)
     app.add_middleware(AdminGate, settings=settings)

@@ -27,7 +27,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -286,14 +285,10 @@ def _read_state(snap: Snapshot, number: Callable[[str], int], queue_depth: float
 
 
 def _served_tasks(registry: Registry) -> list[tuple[str, int, str, str | None]]:
-    """(task, version, location, quarantine reason) of every served task. A registry with an index
-    (`entries`) serves tasks that are not loaded too: list those without loading them."""
-    entries = getattr(registry, "entries", None)
-    if entries is not None:
-        return [(e.task, e.version, registry.location(e), registry.quarantine_reason_of(e.task, e.version))
-                for e in entries()]
-    return [(s.task, s.version, registry.location(s), registry.quarantine_reason(s.adapter))
-            for s in registry.served()]
+    """(task, version, location, quarantine reason) of every served task, loaded or not, from the registry's index:
+    listing a task never loads it."""
+    return [(e.task, e.version, registry.location(e), registry.quarantine_reason_of(e.task, e.version))
+            for e in registry.entries()]
 
 
 def _ratio(a: float, b: float, digits: int = 3) -> float | None:
@@ -555,28 +550,13 @@ class Dashboard:
 
 
 def install_dashboard(app: FastAPI, dashboard: Dashboard) -> Dashboard:
-    """Add `GET /dashboard`, its static files and `GET /dashboard/data` to the app, and run the dashboard's
-    sampler while the app runs. They are not classification requests, so they touch no per-task metric."""
+    """Add `GET /dashboard`, its static files and `GET /dashboard/data` to the app (the app's lifespan runs the
+    dashboard's sampler). They are not classification requests, so they touch no per-task metric."""
     static = resources.files("lpt_serve.api") / "static"
     page = (static / "dashboard.html").read_text(encoding="utf-8")
     app.state.dashboard = dashboard
     # An installed package is a directory on disk (never a zip here), so StaticFiles can serve it in place.
     app.mount("/dashboard/static", StaticFiles(directory=str(static)), name="dashboard-static")
-
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan_with_sampler(app: FastAPI):
-        async with inner(app) as state:
-            sampler = asyncio.create_task(dashboard.run_sampler(), name="dashboard-sampler")
-            try:
-                yield state
-            finally:
-                sampler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampler
-
-    app.router.lifespan_context = lifespan_with_sampler
 
     @app.get("/dashboard", tags=["ops"], response_class=HTMLResponse)
     async def dashboard_page() -> HTMLResponse:
