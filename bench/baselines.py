@@ -40,9 +40,8 @@ from bench.common import (
     machine_info,
     markdown_table,
     now_iso,
-    result_path,
+    save_results,
     start_run,
-    write_json,
 )
 
 NAME = "baselines"
@@ -332,8 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         | {"full_epochs_per_dataset": full_epochs, "full_max_length_per_dataset": full_max_length},
         "results": results, "table": table, "total_seconds": round(time.perf_counter() - started, 1),
     }
-    path = write_json(result_path(NAME, args.quick, args.out), payload)
-    print(f"\nwrote {path} (total {payload['total_seconds']:.0f}s)")
+    save_results(NAME, args, payload)
     return 0
 
 

@@ -245,3 +245,10 @@ def start_run(args: Any) -> tuple[dict[str, Any], CpuMonitor]:
     set_threads(args.threads)
     wait = {"skipped": True} if args.no_wait else wait_until_quiet()
     return wait, CpuMonitor()
+
+
+def save_results(name: str, args: Any, payload: dict[str, Any]) -> Path:
+    """Write a run's JSON where `--out` (or `--quick`) says, and tell the user where and how long it took."""
+    path = write_json(result_path(name, args.quick, args.out), payload)
+    print(f"\nwrote {path} (total {payload['total_seconds']:.0f}s)")
+    return path

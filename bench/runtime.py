@@ -46,9 +46,8 @@ from bench.common import (
     markdown_table,
     now_iso,
     ratio,
-    result_path,
+    save_results,
     start_run,
-    write_json,
 )
 
 NAME = "runtime"
@@ -252,8 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ort_build": ort_build, "results": results, "tables": {"main": table},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    path = write_json(result_path(NAME, args.quick, args.out), payload)
-    print(f"\nwrote {path} (total {payload['total_seconds']:.0f}s)")
+    save_results(NAME, args, payload)
     return 0
 
 

@@ -55,10 +55,9 @@ from bench.common import (
     now_iso,
     proc_cpu_seconds,
     ratio,
-    result_path,
+    save_results,
     set_threads,
     start_run,
-    write_json,
 )
 
 NAME = "serving"
@@ -457,8 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "diagnosis": diagnosis,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    path = write_json(result_path(NAME, args.quick, args.out), payload)
-    print(f"\nwrote {path} (total {payload['total_seconds']:.0f}s)")
+    save_results(NAME, args, payload)
     return 0
 
 

@@ -60,11 +60,10 @@ from bench.common import (
     now_iso,
     peak_rss_mb,
     ratio,
-    result_path,
     rss_mb,
+    save_results,
     set_threads,
     start_run,
-    write_json,
 )
 from lpt_serve.model.backbone import quiet_transformers
 
@@ -340,8 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tables": {"steps": step_table, "epochs": epoch_table},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    path = write_json(result_path(NAME, args.quick, args.out), payload)
-    print(f"\nwrote {path} (total {payload['total_seconds']:.0f}s)")
+    save_results(NAME, args, payload)
     return 0
 
 
