@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     keep_versions: int = Field(5, ge=0, description="stored versions kept per task, the served one included (the "
                                "default 5 keeps it and 4 rollback targets); older ones are deleted after each "
                                "upload; 0 keeps every version")
+    sync_interval_s: float = Field(0.5, ge=0, le=60, description="how often to check the store for changes made by "
+                                   "other replicas or `lpt` (seconds; 0 turns watching off: one replica alone)")
+    full_sync_interval_s: float = Field(60.0, gt=0, description="how often to compare every task's state with the "
+                                        "store even when its generation did not move (catches hand edits)")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(True, description="one JSON object per log line")
 

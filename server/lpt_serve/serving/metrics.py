@@ -46,7 +46,9 @@ class Metrics:
         self.dropped = Counter("lpt_rows_dropped", "Rows dropped before the pass (client gone or past deadline)",
                                ["reason"], registry=r)
         self.tasks_served = Gauge("lpt_tasks_served", "Tasks being served", registry=r)
-        self.adapter_events = Counter("lpt_adapter_events", "Uploads, rollbacks and retirements", ["event"],
+        self.adapter_events = Counter("lpt_adapter_events", "Uploads, rollbacks and retirements made here, and tasks "
+                                      "changed by another replica (event=sync)", ["event"], registry=r)
+        self.store_generation = Gauge("lpt_store_generation", "The shared store's generation this replica serves",
                                       registry=r)
 
     def task_label(self, task: str) -> str:

@@ -22,6 +22,14 @@ Quarantine: the inference thread reports each pass's failed and fully answered t
 `quarantine_after` passes in a row is held out (its requests are refused at admission) until an upload, a rollback
 or a retire replaces it. The record is keyed by (task, version), so it survives the adapter being evicted from host
 memory and loaded again. The state lives in memory: a restart serves every task again.
+
+Replicas: several servers may share one store. `sync` makes this registry serve what the store holds now, whoever
+changed it (another replica, `lpt`, a script using `AdapterStore`): it reads the store's generation (one small
+file) and, only when it moved, compares each task's state.json stamp with the one it last saw and reads just the
+tasks that changed. A changed task that was in memory (or pinned) has its new version loaded before the index
+switches to it, so requests never wait on a cold load because another replica uploaded; requests already admitted
+keep the version they resolved. A load that fails because the version vanished meanwhile (retired or pruned by
+another replica) reconciles that task and tries again, rather than failing.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from lpt_serve.model.adapter import (
     parse_config_json,
 )
 from lpt_serve.model.backbone import Backbone
-from lpt_serve.serving.store import AdapterStore
+from lpt_serve.serving.store import AdapterStore, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,8 @@ class Registry:
         self.quarantine_after = quarantine_after
         self._health_lock = threading.Lock()  # the inference thread writes, the event loop reads
         self._health: dict[str, TaskHealth] = {}
+        self._stamps: dict[str, tuple[int, int, int] | None] = {}  # state.json stamp last read, by task
+        self.generation = -1  # the store generation this registry has caught up with (-1: not yet indexed)
 
     # --------------------------------------------------------------------------------------------- loading
     def _prepare(self, adapter: TaskAdapter) -> TaskAdapter:
@@ -132,7 +142,21 @@ class Registry:
     def load_all(self) -> dict[str, str]:
         """Index what the store has committed (state.json files only), then load the pinned tasks. A pinned task
         that does not load is logged, not fatal: its requests answer `TaskFailed`."""
-        index = {task: TaskEntry(task, r.current, r.versions, r.path()) for task, r in self.store.tasks().items()}
+        # The generation is read first: a change made while we read is then caught by the next `sync`.
+        generation = self.store.generation()
+        index: dict[str, TaskEntry] = {}
+        self._stamps = {}
+        for task in self.store.task_names():
+            # Stamp before reading, for the same reason.
+            self._stamps[task] = self.store.state_stamp(task)
+            try:
+                record = self.store.record(task)
+            except StoreError as exc:
+                log.warning("skipping task %r: %s", task, exc)
+                continue
+            if record is not None:
+                index[task] = _entry(record)
+        self.generation = generation
         with self._host_lock:
             self._index = index
             self._host.clear()
@@ -183,6 +207,13 @@ class Registry:
         try:
             adapter = self._prepare(load_adapter(entry.path, self.backbone))
         except (AdapterError, StoreError, OSError) as exc:
+            if not entry.path.is_dir():
+                # Retired or pruned by another replica since we indexed it: not this version's fault, so nothing is
+                # remembered; the caller reconciles the task and tries again.
+                with self._host_lock:
+                    self._loading.pop(key, None)
+                future.set_exception(_Vanished(f"task {task!r} v{entry.version} left the store"))
+                return
             reason = f"task {task!r} v{entry.version} is stored but no longer loads: {exc}"
             log.error("%s", reason)
             with self._host_lock:
@@ -231,23 +262,38 @@ class Registry:
     def get(self, task: str) -> ServedTask:
         """The task's current version, loaded (blocking if it is not in memory: call off the event loop, or use
         `resolve`). TaskNotFound if not served, TaskFailed if its stored version does not load."""
-        served, future, to_load = self._claim(task)
-        if served is not None:
-            return served
-        if to_load is not None:
-            self._load(to_load, future)
-        return future.result()
+        for attempt in range(2):
+            served, future, to_load = self._claim(task)
+            if served is not None:
+                return served
+            if to_load is not None:
+                self._load(to_load, future)
+            try:
+                return future.result()
+            except _Vanished:
+                if attempt:
+                    raise
+                self.sync_task(task)
+        raise AssertionError("unreachable")
 
     async def resolve(self, task: str) -> ServedTask:
         """As `get`, without blocking the event loop: a load runs in a worker thread, and every request that asks
         for the same task meanwhile awaits that one load."""
-        served, future, to_load = self._claim(task)
-        if served is not None:
-            return served
-        if to_load is not None:
-            # Shielded: a request cancelled meanwhile must not leave the others waiting on a load nobody finishes.
-            await asyncio.shield(asyncio.to_thread(self._load, to_load, future))
-        return await asyncio.wrap_future(future)
+        for attempt in range(2):
+            served, future, to_load = self._claim(task)
+            if served is not None:
+                return served
+            if to_load is not None:
+                # Shielded: a request cancelled meanwhile must not leave the others waiting on a load nobody
+                # finishes.
+                await asyncio.shield(asyncio.to_thread(self._load, to_load, future))
+            try:
+                return await asyncio.wrap_future(future)
+            except _Vanished:
+                if attempt:
+                    raise
+                await asyncio.to_thread(self.sync_task, task)
+        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------------------------------------- lookup
     def entry(self, task: str) -> TaskEntry:
@@ -321,7 +367,7 @@ class Registry:
         with self._mutate:
             record = self.store.commit(task, config_bytes, weights_bytes)
             served = ServedTask(task, record.current, record.versions, adapter)
-            self._swap(TaskEntry(task, record.current, record.versions, record.path()), served)
+            self._swap(_entry(record), served)
         log.info("task %s now serves v%d (%d parameters)", task, served.version, adapter.num_parameters())
         return served
 
@@ -334,7 +380,7 @@ class Registry:
             except AdapterError as exc:
                 raise AdapterError(f"version {record.current} of {task!r} no longer loads: {exc}") from exc
             served = ServedTask(task, record.current, record.versions, adapter)
-            self._swap(TaskEntry(task, record.current, record.versions, record.path()), served)
+            self._swap(_entry(record), served)
         log.info("task %s rolled back to v%d", task, served.version)
         return served
 
@@ -368,6 +414,84 @@ class Registry:
             del self._load_failures[key]
         for key in [k for k in self._labels if k[0] == task]:
             del self._labels[key]
+
+    # --------------------------------------------------------------------------------------------- replicas
+    def sync(self, *, full: bool = False) -> list[str]:
+        """Serve what the store holds now. Cheap when nothing changed (one small file read); `full` compares every
+        task's stamp even then (a change whose generation bump failed, or files edited by hand). Returns the tasks
+        whose served version changed, appeared or left. Blocking: call off the event loop."""
+        generation = self.store.generation()
+        if generation == self.generation and not full:
+            return []
+        with self._mutate:
+            names = self.store.task_names()
+            present = set(names)
+            candidates = [t for t in names if self.store.state_stamp(t) != self._stamps.get(t)]
+            candidates += [t for t in self._index if t not in present]
+            changed = self._reconcile(candidates)
+            self.generation = generation
+        if changed:
+            log.info("store generation %d: now serving %s", generation,
+                     ", ".join(self._describe(t) for t in changed[:20]) + (" ..." if len(changed) > 20 else ""))
+        return changed
+
+    def sync_task(self, task: str) -> bool:
+        """Reconcile one task with the store now; True if what it serves changed."""
+        with self._mutate:
+            return bool(self._reconcile([task]))
+
+    def _describe(self, task: str) -> str:
+        entry = self._index.get(task)
+        return f"{task} v{entry.version}" if entry is not None else f"{task} (gone)"
+
+    def _reconcile(self, tasks: Iterable[str]) -> list[str]:
+        """Under `_mutate`: read each task's record and make the index agree, loading the new version first when
+        the old one was in memory or the task is pinned."""
+        updates: dict[str, TaskEntry | None] = {}
+        for task in dict.fromkeys(tasks):
+            stamp = self.store.state_stamp(task)
+            try:
+                record = self.store.record(task)
+            except StoreError as exc:
+                # Unreadable state (edited by hand): keep serving what we have, and say so once per change.
+                log.warning("task %r: %s; still serving what was indexed before", task, exc)
+                self._stamps[task] = stamp
+                continue
+            self._stamps[task] = stamp
+            if record is None:
+                self._stamps.pop(task, None)
+            entry = None if record is None else _entry(record)
+            if entry != self._index.get(task):
+                updates[task] = entry
+        if not updates:
+            return []
+        ready: dict[str, ServedTask] = {}
+        for task, entry in updates.items():
+            if entry is not None and (task in self.pinned or task in self._host):
+                try:
+                    adapter = self._prepare(load_adapter(entry.path, self.backbone))
+                except (AdapterError, StoreError, OSError) as exc:
+                    log.error("task %r v%d from the store does not load: %s", task, entry.version, exc)
+                    continue  # a request will load it (and fail alone) like any cold task
+                ready[task] = ServedTask(task, entry.version, entry.versions, adapter)
+                self._versions[adapter] = entry.version
+        with self._host_lock:
+            index = dict(self._index)
+            for task, entry in updates.items():
+                if entry is None:
+                    index.pop(task, None)
+                else:
+                    index[task] = entry
+                self._forget_load(task)
+                self._host_drop(task)
+                if task in ready:
+                    self._host_put(ready[task])
+            self._index = index
+            for task in ready:
+                self._evict_host(keep=task)
+        for task in updates:
+            self._forget_health(task)
+        return list(updates)
 
     # ------------------------------------------------------------------------------------------- quarantine
     def _forget_health(self, task: str) -> None:
@@ -452,6 +576,14 @@ class Registry:
             self._on_device.pop(key).adapter.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+
+class _Vanished(TaskNotFound):
+    """The indexed version left the store while it was being loaded (another replica retired or pruned it)."""
+
+
+def _entry(record: TaskRecord) -> TaskEntry:
+    return TaskEntry(record.task, record.current, record.versions, record.path())
 
 
 def _with_task_name(config_bytes: bytes, task: str) -> bytes:

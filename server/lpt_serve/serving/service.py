@@ -6,6 +6,7 @@ domain errors into statuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -57,6 +58,10 @@ class ServiceConfig:
     warmup: bool = True
     quarantine_after: int = 3  # failed passes in a row before a task is held out until an upload or rollback
     keep_versions: int | None = 5  # stored versions kept per task, the served one included; None keeps all
+    # Replicas sharing the store: how often to check its generation (0 turns watching off), and how often to compare
+    # every task's state even when the generation did not move (hand edits, a failed bump).
+    sync_interval_s: float = 0.5
+    full_sync_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Service:
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
         self.ready = False
+        self._watcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -110,11 +116,14 @@ class Service:
                                  quarantine_after=c.quarantine_after)
         await asyncio.to_thread(self.registry.load_all)
         self.metrics.tasks_served.set(len(self.registry.names()))
+        self.metrics.store_generation.set(self.registry.generation)
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
                                max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics)
         self.batcher.start()
         if c.warmup:
             await self._warmup()
+        if c.sync_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch_store(), name="lpt-store-watch")
         self.ready = True
         if not self.registry.names():
             log.warning("serving no tasks: the store %s is empty; upload one with `lpt upload TASK DIR`",
@@ -143,8 +152,34 @@ class Service:
         with torch.inference_mode():
             self.backbone(ids["input_ids"].to(self.backbone.device), ids["attention_mask"].to(self.backbone.device))
 
+    async def _watch_store(self) -> None:
+        """Keep serving what the shared store holds: poll its generation, reconcile when it moves (see
+        `Registry.sync`). A failing check is logged and retried at the next tick; serving goes on meanwhile."""
+        c = self.config
+        last_full = time.monotonic()
+        while True:
+            await asyncio.sleep(c.sync_interval_s)
+            full = time.monotonic() - last_full >= c.full_sync_interval_s
+            try:
+                changed = await asyncio.to_thread(self.registry.sync, full=full)
+            except Exception:
+                log.exception("checking the store %s for changes failed; retrying in %.1fs", self.store.root,
+                              c.sync_interval_s)
+                continue
+            if full:
+                last_full = time.monotonic()
+            self.metrics.store_generation.set(self.registry.generation)
+            if changed:
+                self.metrics.adapter_events.labels("sync").inc(len(changed))
+                self.metrics.tasks_served.set(len(self.registry.names()))
+
     async def stop(self) -> None:
         self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self.batcher is not None:
             await self.batcher.stop(timeout=self.config.request_timeout_s)
 

@@ -8,6 +8,7 @@ Layout under ``root``::
     <root>/.tmp/                  staging uploads and retired tasks being deleted (emptied by recover())
     <root>/.lock                  inter-process lock file (fcntl.flock)
     <root>/.seeded                the store was initialised (see ``seed``)
+    <root>/.generation            a number every change bumps, so replicas sharing the root notice (see below)
 
 The store deals only in files: it never parses the adapter contents, the caller validates them before committing.
 
@@ -42,6 +43,12 @@ Faults (a read-only store, a full disk, any other OSError):
   fsync after that point is logged, not raised, because the caller must see what the disk shows. A power loss
   could then at worst bring back the previous state, which names versions still on disk, because pruning is
   skipped for that commit.
+
+Replicas: several processes (server replicas, the CLI) may share one root on a file system with working ``flock``
+and atomic ``rename`` (a local disk; NFSv4, whose locks are leases; a Kubernetes ReadWriteMany volume backed by
+either). Each mutation ends by bumping ``.generation`` under the lock; a replica polls that one small file
+(``generation``) and, when it changed, compares every task's ``state.json`` stamp (``state_stamp``: inode,
+mtime, size; a replace always makes a new inode) with what it serves, reading only the tasks that changed.
 
 Retention: with ``keep_versions=N`` each commit keeps the last N entries of history (the new current version and
 the N - 1 rollback targets before it) and deletes every other version directory of the task, including versions
@@ -85,6 +92,7 @@ LOCK_NAME = ".lock"
 # Written once the store has been initialised (seeded or not), so that retiring every demo task does not bring
 # them back at the next start.
 SEEDED_NAME = ".seeded"
+GENERATION_NAME = ".generation"
 
 T = TypeVar("T")
 
@@ -420,6 +428,39 @@ class AdapterStore:
         """The served record of ``task``; raises TaskNotFound when it is absent or not servable. Lock-free."""
         return _required(task, lambda: self._load(task))
 
+    def record(self, task: str) -> TaskRecord | None:
+        """As ``get``, None when the task is absent or not servable; StoreError when its state is unreadable."""
+        return self._load(task)
+
+    def task_names(self) -> list[str]:
+        """Names of the task directories present (servable or not), sorted. Lock-free."""
+        return self._task_names()
+
+    def state_stamp(self, task: str) -> tuple[int, int, int] | None:
+        """(inode, mtime in ns, size) of the task's state.json, or None without one: it changes with every commit,
+        rollback or retire of the task, because state.json is only ever replaced by a rename. Lock-free, one stat."""
+        try:
+            st = os.stat(self._task_dir(task) / STATE_NAME)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def generation(self) -> int:
+        """The store's change counter: every commit, rollback and retire, by any process, bumps it under the lock.
+        0 for a store never changed (or whose counter is unreadable, which the next change repairs). Lock-free."""
+        try:
+            return int((self.root / GENERATION_NAME).read_bytes() or b"0")
+        except (OSError, ValueError):
+            return 0
+
+    def _bump_generation(self) -> None:
+        # Under the lock, after the change is made: a failure here must not report the change as failed, so it is
+        # logged; replicas still see the change at their periodic full comparison.
+        try:
+            _write_durably_replace(self.root / GENERATION_NAME, str(self.generation() + 1).encode())
+        except OSError as e:
+            log.error("store %s: the change is made but the generation file could not be bumped: %s", self.root, e)
+
     # ---- mutating ------------------------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
@@ -553,6 +594,7 @@ class AdapterStore:
             _crash_hook("state-replaced")
             if self.keep_versions is not None and durable:
                 self._prune(task_dir, history)
+            self._bump_generation()
             return TaskRecord(
                 task=task,
                 current=version,
@@ -643,6 +685,7 @@ class AdapterStore:
                 _fsync_dir(self._tmp)
             except OSError as e:
                 log.error("retire %r: the task is gone but the directory fsync failed: %s", task, e)
+            self._bump_generation()
             _crash_hook("retire-renamed")
             try:
                 shutil.rmtree(graveyard)
@@ -664,6 +707,7 @@ class AdapterStore:
                 raise NothingToRollBack(f"task {task!r} has no earlier version to roll back to")
             target = remaining[-1]
             self._write_state(task_dir, target, tuple(remaining))
+            self._bump_generation()
             return TaskRecord(
                 task=task,
                 current=target,

@@ -28,8 +28,10 @@ async def healthz() -> dict:
 
 @router.get("/readyz", responses=statuses(Unavailable))
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Readiness: backbone loaded, adapters loaded, one forward pass done."""
+    """Readiness: backbone loaded, store indexed, one forward pass done. `store_generation` is the shared store's
+    generation this replica serves: replicas that report the same one serve the same task versions."""
     if not service.ready:
         return error_response(Unavailable("not ready", retry_after=1))
     return JSONResponse({"status": "ok", "tasks": len(service.registry.names()),
+                         "store_generation": service.registry.generation,
                          "device": str(service.backbone.device), "dtype": str(service.backbone.dtype)})

@@ -1,0 +1,161 @@
+"""Replicas sharing one store: every registry serves what the store holds after `sync`, whoever changed it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lpt_serve.errors import TaskNotFound
+from lpt_serve.model.engine import classify_rows, encode_texts
+from lpt_serve.serving import store as store_module
+from lpt_serve.serving.registry import Registry
+from lpt_serve.serving.store import AdapterStore
+from tests.helpers import adapter_files, make_adapter
+
+
+@pytest.fixture
+def replicas(tiny_backbone, tmp_path):
+    """Two registries over one store root, each with its own AdapterStore object, as two processes would have."""
+    root = tmp_path / "store"
+    seed_store = AdapterStore(root)
+    for i, task in enumerate(["a", "b"]):
+        seed_store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    pair = []
+    for _ in range(2):
+        registry = Registry(tiny_backbone, AdapterStore(root))
+        registry.load_all()
+        pair.append(registry)
+    return pair
+
+
+def probabilities(registry: Registry, task: str) -> torch.Tensor:
+    served = registry.get(task)
+    encoded = encode_texts(registry.backbone, ["a fine day"], served.adapter.config.template)
+    return classify_rows(registry.backbone, [served.adapter], encoded)[0]
+
+
+def upload(registry: Registry, backbone, task: str, seed: int, tmp_path) -> None:
+    config, weights = adapter_files(make_adapter(backbone, task, seed=seed), tmp_path / f"up-{task}-{seed}")
+    registry.upload(task, config, weights)
+
+
+def test_every_change_bumps_the_generation(replicas, tiny_backbone, tmp_path):
+    a, _ = replicas
+    before = a.store.generation()
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    a.rollback("a")
+    a.retire("b")
+    assert a.store.generation() == before + 3
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(replicas, tiny_backbone, tmp_path):
+    a, b = replicas
+    old = probabilities(b, "a")
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    assert b.entry("a").version == 1  # not yet: nothing tells b until it syncs
+    assert b.sync() == ["a"]
+    assert b.entry("a").version == 2
+    assert torch.allclose(probabilities(b, "a"), probabilities(a, "a"))
+    assert not torch.allclose(probabilities(b, "a"), old)
+    assert b.generation == a.store.generation()
+
+
+def test_a_task_in_memory_has_its_new_version_loaded_before_the_switch(replicas, tiny_backbone, tmp_path):
+    a, b = replicas
+    b.get("a")  # hot on b
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    b.sync()
+    assert b.loaded("a") is not None and b.loaded("a").version == 2  # no cold load for b's next request
+    assert b.loaded("b") is None  # a task nobody asked b for stays on disk
+
+
+def test_rollback_and_retire_through_one_replica_reach_the_other(replicas, tiny_backbone, tmp_path):
+    a, b = replicas
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    b.sync()
+    a.rollback("a")
+    a.retire("b")
+    assert sorted(b.sync()) == ["a", "b"]
+    assert b.entry("a").version == 1
+    with pytest.raises(TaskNotFound):
+        b.get("b")
+    # b's own admin calls now agree with its classify: the task is gone everywhere.
+    with pytest.raises(TaskNotFound):
+        b.retire("b")
+
+
+def test_a_new_task_written_by_another_process_is_served(replicas, tiny_backbone, tmp_path):
+    _, b = replicas
+    outside = AdapterStore(b.store.root)  # `lpt` or a script, not a server
+    outside.commit_dir("c", make_adapter(tiny_backbone, "c", seed=3).save(tmp_path / "c"))
+    assert b.sync() == ["c"]
+    assert b.get("c").version == 1
+
+
+def test_sync_reads_nothing_when_the_generation_did_not_move(replicas, monkeypatch):
+    _, b = replicas
+    b.sync()
+    reads = []
+    monkeypatch.setattr(b.store, "state_stamp", lambda task: reads.append(task))
+    monkeypatch.setattr(b.store, "record", lambda task: reads.append(task))
+    assert b.sync() == []
+    assert reads == []
+
+
+def test_only_changed_tasks_are_read(replicas, tiny_backbone, tmp_path, monkeypatch):
+    a, b = replicas
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    records = []
+    real_record = b.store.record
+    monkeypatch.setattr(b.store, "record", lambda task: records.append(task) or real_record(task))
+    b.sync()
+    assert records == ["a"]
+
+
+def test_a_full_sync_catches_a_change_that_did_not_bump_the_generation(replicas, tiny_backbone, tmp_path):
+    a, b = replicas
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    b.sync()
+    # Someone edits state.json by hand (as a backup restore would), without the store's API.
+    state = a.store.root / "a" / "state.json"
+    state.write_text(json.dumps({"current": 1, "history": [1]}))
+    assert b.sync() == []  # the generation did not move
+    assert b.sync(full=True) == ["a"]
+    assert b.entry("a").version == 1
+
+
+def test_a_failed_generation_bump_does_not_fail_the_change(replicas, tiny_backbone, tmp_path, monkeypatch):
+    a, b = replicas
+    real = store_module._write_durably_replace
+
+    def full_disk_for_the_counter(path, data):
+        if path.name == store_module.GENERATION_NAME:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(store_module, "_write_durably_replace", full_disk_for_the_counter)
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    assert a.entry("a").version == 2
+    assert b.sync(full=True) == ["a"]
+
+
+def test_a_version_that_vanished_before_its_load_is_reconciled_not_failed(replicas, tiny_backbone, tmp_path):
+    a, b = replicas
+    a.store.keep_versions = 1  # a's uploads prune every older version at once
+    upload(a, tiny_backbone, "b", 20, tmp_path)
+    assert not (a.store.root / "b" / "v1").exists()
+    assert b.entry("b").version == 1  # b indexed v1 and never loaded it
+    served = b.get("b")  # the load finds v1 gone, reconciles "b", and loads what the store serves now
+    assert served.version == 2
+    assert torch.allclose(probabilities(b, "b"), probabilities(a, "b"))
+    assert b.load_errors == {}  # nothing remembered against the task
+
+
+def test_a_task_retired_before_its_load_answers_not_found(replicas):
+    a, b = replicas
+    a.retire("b")
+    with pytest.raises(TaskNotFound):  # not TaskFailed: the version left, it did not break
+        b.get("b")
+    assert "b" not in b.names()
