@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    REPO_ROOT,
     CpuMonitor,
     fmt,
     header,
@@ -148,11 +149,13 @@ class Server:
     def __init__(self, store: Path, port: int, args: argparse.Namespace) -> None:
         self.url = f"http://127.0.0.1:{port}"
         serve_args = ["--store", str(store), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                      "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-        self.argv = [sys.executable, str(Path(__file__).resolve()), "--serve", "--server-threads",
-                     str(args.server_threads), "--", *serve_args]
+                      "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+                      *getattr(args, "server_args", ())]
+        # As a module from the repository root, so that `bench` imports whatever the working directory is.
+        self.argv = [sys.executable, "-m", "bench.serving", "--serve", "--server-threads", str(args.server_threads),
+                     "--", *serve_args]
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         import httpx
@@ -186,7 +189,7 @@ class Server:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in ("lpt_batch_size_sum", "lpt_batch_size_count", "lpt_forward_duration_seconds_sum",
-                                   "lpt_batch_tasks_sum"):
+                                   "lpt_batch_tasks_sum", "lpt_forward_cpu_seconds_total"):
                     out[sample.name] = out.get(sample.name, 0.0) + sample.value
                 elif sample.name == "lpt_queue_duration_seconds_sum":
                     out["queue_sum"] = out.get("queue_sum", 0.0) + sample.value
@@ -216,6 +219,7 @@ def _server_delta(before: dict[str, float], after: dict[str, float], wall_s: flo
         "mean_batch_tasks": d("lpt_batch_tasks_sum") / batches if batches else None,
         "forward_busy_fraction": d("lpt_forward_duration_seconds_sum") / wall_s if wall_s else None,
         "forward_ms_per_batch": d("lpt_forward_duration_seconds_sum") / batches * 1000 if batches else None,
+        "forward_cpu_s": d("lpt_forward_cpu_seconds_total"),
         "mean_queue_ms": d("queue_sum") / d("queue_count") * 1000 if d("queue_count") else None,
     }
 

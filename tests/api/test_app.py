@@ -438,3 +438,16 @@ async def test_openapi_documents_the_contract(server):
     } <= set(paths)
     assert "201" in paths["/admin/tasks/{task}"]["put"]["responses"]
     assert "404" in paths["/classify/{task}"]["post"]["responses"]
+
+
+async def test_answers_are_exactly_the_documented_bodies(server):
+    """The classify routes serialise their answers themselves (orjson): the bodies must still be exactly what
+    their `response_model` documents, no field missing, none extra, every type as declared."""
+    from lpt_client.schemas import ClassifyResult, MixedResponse
+
+    one = (await server.client.post("/classify/beta", json={"texts": ["a good film", "bad"]})).json()
+    assert ClassifyResult.model_validate(one, strict=True).model_dump(mode="json") == one
+    mixed = (await server.client.post("/classify", json={"items": [{"task": "beta", "text": "a good film"},
+                                                                   {"task": "alpha", "text": "bad"}]})).json()
+    assert MixedResponse.model_validate(mixed, strict=True).model_dump(mode="json") == mixed
+    assert [p["task"] for p in mixed["predictions"]] == ["beta", "alpha"]

@@ -20,11 +20,13 @@ from lpt_serve.api.settings import Settings
 from lpt_serve.serving.service import Service
 
 
-def get_service(request: Request) -> Service:
+# Dependencies are `async def` even though they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, a thread hop per request for one attribute read.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -53,7 +55,7 @@ def check_admin_token(settings: Settings, authorization: str | None) -> None:
 _bearer = HTTPBearer(auto_error=False, scheme_name="adminToken", description="the server's LPT_ADMIN_TOKEN")
 
 
-def require_admin(request: Request, settings: SettingsDep,
+async def require_admin(request: Request, settings: SettingsDep,
                   _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Admin routes need `Authorization: Bearer <LPT_ADMIN_TOKEN>` (defence in depth: the gate checked it)."""
     check_admin_token(settings, request.headers.get("authorization"))

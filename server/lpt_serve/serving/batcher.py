@@ -195,7 +195,7 @@ class Batcher:
             adapters = [r.adapter for r in batch]
             encoded = [r.encoded for r in batch]
             try:
-                probs = await loop.run_in_executor(self._executor, self.run_batch, adapters, encoded)
+                probs, cpu_s = await loop.run_in_executor(self._executor, self._run_timed, adapters, encoded)
             except Exception as exc:  # a pass that failed as a whole fails its rows, never the loop
                 log.exception("forward pass of %d rows failed", len(batch))
                 for row in batch:
@@ -203,7 +203,7 @@ class Batcher:
                         row.future.set_exception(exc)
                 continue
             elapsed = time.monotonic() - started
-            self._record(batch, elapsed, started)
+            self._record(batch, elapsed, started, cpu_s)
             for row, p in zip(batch, probs, strict=True):
                 if row.future.done():
                     continue
@@ -211,6 +211,13 @@ class Batcher:
                     row.future.set_exception(p)
                 else:
                     row.future.set_result(p)
+
+    def _run_timed(self, adapters: Sequence[TaskAdapter],
+                   encoded: Sequence[Encoded]) -> tuple[list[list[float] | BaseException], float]:
+        # On the inference thread: its CPU time beside the pass's wall time tells contention from work.
+        started = time.thread_time()
+        probs = self.run_batch(adapters, encoded)
+        return probs, time.thread_time() - started
 
     def _live(self, batch: list[Row]) -> list[Row]:
         now = time.monotonic()
@@ -229,7 +236,7 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.dropped.labels(reason).inc()
 
-    def _record(self, batch: list[Row], elapsed: float, started: float) -> None:
+    def _record(self, batch: list[Row], elapsed: float, started: float, cpu_s: float = 0.0) -> None:
         tasks = Counter(r.adapter.task for r in batch)
         lengths = [r.tokens for r in batch]
         positions = padded_positions(lengths)  # what the engine computes, bucketed by length as it does
@@ -241,6 +248,7 @@ class Batcher:
         if self.metrics is not None:
             m = self.metrics
             m.forward_latency.observe(elapsed)
+            m.forward_cpu.inc(cpu_s)
             m.batch_rows.observe(len(batch))
             m.batch_tasks.observe(len(tasks))
             m.batch_padding.observe(padding)

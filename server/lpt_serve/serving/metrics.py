@@ -36,6 +36,9 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.forward_latency = Histogram("lpt_forward_duration_seconds", "One mixed forward pass",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.forward_cpu = Counter("lpt_forward_cpu_seconds", "CPU time of the inference thread in forward passes "
+                                   "(torch's own worker threads not counted); well below the passes' wall time "
+                                   "means the cores are shared or the passes wait on an accelerator", registry=r)
         self.batch_rows = Histogram("lpt_batch_size", "Rows per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.batch_tasks = Histogram("lpt_batch_tasks", "Distinct tasks per forward pass", buckets=BATCH_BUCKETS,
                                      registry=r)
