@@ -67,6 +67,9 @@ class ServiceConfig:
     # every task's state even when the generation did not move (hand edits, a failed bump).
     sync_interval_s: float = 0.5
     full_sync_interval_s: float = 60.0
+    # Benchmarks only: each pass also sleeps this long, freeing the cores as a pass on an accelerator would, so that
+    # several replicas on one small machine measure routing and convergence rather than a shared CPU.
+    simulated_pass_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,8 @@ class Service:
                 registry.record_failure(adapter, fault.describe())
             for adapter in outcome.answered.values():
                 registry.record_success(adapter)
+        if self.config.simulated_pass_ms > 0:
+            time.sleep(self.config.simulated_pass_ms / 1000)
         return answers  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- classify
