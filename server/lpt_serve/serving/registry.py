@@ -24,12 +24,13 @@ or a retire replaces it. The record is keyed by (task, version), so it survives 
 memory and loaded again. The state lives in memory: a restart serves every task again.
 
 Replicas: several servers may share one store. `sync` makes this registry serve what the store holds now, whoever
-changed it (another replica, `lpt`, a script using `AdapterStore`): it reads the store's generation file (one
-small file, which also journals the last changes by task) and, only when it moved, reads just the tasks changed
-since; a registry further behind than the journal compares each task's state.json stamp with the one it last saw. A changed task that was in memory (or pinned) has its new version loaded before the index
-switches to it, so requests never wait on a cold load because another replica uploaded; requests already admitted
-keep the version they resolved. A load that fails because the version vanished meanwhile (retired or pruned by
-another replica) reconciles that task and tries again, rather than failing.
+changed it (another replica, `lpt`, a script using `AdapterStore`): it reads the store's generation file (one small
+file, which also journals the last changes by task) and, only when it moved, reads just the tasks changed since; a
+registry further behind than the journal compares each task's state.json stamp with the one it last saw. A changed task
+that was in memory (or pinned) has its new version loaded before the index switches to it, so requests never wait on a
+cold load because another replica uploaded; requests already admitted keep the version they resolved. A load that fails
+because the version vanished meanwhile (retired or pruned by another replica) reconciles that task and tries again,
+rather than failing.
 """
 
 from __future__ import annotations
