@@ -8,10 +8,15 @@ An upload is untrusted, and one adapter must never cost the server more than the
 knob is bounded (below, and against the served backbone in `check_adapter`), the config's size is checked before
 it is parsed, and the weights' names, dtypes and shapes are read from the safetensors header and compared with
 shapes computed from the config by arithmetic: nothing is allocated until the adapter is known to fit.
+
+Weights may be stored in fp32 or, compact, in fp16 or bf16 (half the bytes; `compact_adapter` writes them, `lpt
+compact` on the command line). A loaded adapter keeps the dtype it was stored in, and its weights are cast to the
+pass's dtype when it runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
@@ -172,15 +178,32 @@ class TaskAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def generate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.generator(hidden, mask)
+        return _run_in(self.generator, hidden.dtype, hidden, mask)
 
     def logits(self, hidden: torch.Tensor, token_mask: torch.Tensor, prompt_mask: torch.Tensor,
                mask_positions: torch.Tensor | None, backbone) -> torch.Tensor:
-        return self.head(hidden, token_mask, prompt_mask, mask_positions, backbone)
+        return _run_in(self.head, hidden.dtype, hidden, token_mask, prompt_mask, mask_positions, backbone)
+
+    @property
+    def storage_dtypes(self) -> set[torch.dtype]:
+        """The dtypes its weights are kept in: {float32}, or {float16} / {bfloat16} for a compact adapter."""
+        return {p.dtype for p in self.parameters()}
+
+    def to_serving(self, device: torch.device | str, dtype: torch.dtype) -> TaskAdapter:
+        """Moved to `device`, in place, for a server whose passes run in `dtype`: weights wider than `dtype` (fp32
+        under a bf16 backbone) are narrowed to it once, narrower ones (a compact adapter under an fp32 backbone)
+        stay as stored, half the bytes, and are cast when they run."""
+        self.to(device)
+        for p in self.parameters():
+            if p.is_floating_point() and p.dtype.itemsize > dtype.itemsize:
+                p.data = p.data.to(dtype)
+        return self
 
     # ------------------------------------------------------------------------------------------- save / load
     def state_for_disk(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        """Weights as saved: fp32, except that a compact adapter's fp16/bf16 weights stay as they are."""
+        return {k: v.detach().to("cpu", v.dtype if v.dtype in COMPACT_DTYPES.values() else torch.float32).contiguous()
+                for k, v in self.state_dict().items()}
 
     def save(self, directory: str | Path) -> Path:
         out = Path(directory)
@@ -188,6 +211,15 @@ class TaskAdapter(nn.Module):
         (out / CONFIG_NAME).write_text(self.config.to_json())
         (out / WEIGHTS_NAME).write_bytes(save_safetensors_bytes(self.state_for_disk(), metadata={"format": "pt"}))
         return out
+
+
+def _run_in(module: nn.Module, dtype: torch.dtype, *args):
+    """`module(*args)`, its floating weights cast to `dtype` for this call when they are stored in another one (a
+    compact adapter serves fp16/bf16 weights in the backbone's dtype); the stored weights are left as they are."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module(*args)
+    cast = {name: p.to(dtype) if p.is_floating_point() else p for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, cast, args)
 
 
 def label_word_ids(config: AdapterConfig, tokenizer) -> tuple[list[int] | None, list[str]]:
@@ -207,23 +239,27 @@ def label_word_ids(config: AdapterConfig, tokenizer) -> tuple[list[int] | None, 
 
 
 # ----------------------------------------------------------------------------------------- rows and templates
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+# Both are asked for every request, and each tokenizer call costs tens of microseconds in transformers' Python
+# wrapper: the answers are cached per (tokenizer, template). Callers get tuples, so nobody can change a cached one.
+@functools.lru_cache(maxsize=64)
+def special_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The special tokens before and after one sequence ([CLS] x [SEP], <s> x </s>), read off the tokenizer
     itself because transformers 5 dropped build_inputs_with_special_tokens."""
     around = tokenizer("", add_special_tokens=True)["input_ids"]
-    return around[:1], around[1:]
+    return tuple(around[:1]), tuple(around[1:])
 
 
-def template_token_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+@functools.lru_cache(maxsize=4096)
+def template_token_ids(tokenizer, template: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The template's own tokens before and after `{text}`, `<mask>` as the tokenizer's mask token."""
     if template is None:
-        return [], []
+        return (), ()
     prefix, suffix = template.split(TEXT_SLOT, 1)
     prefix = prefix.replace(MASK_SLOT, tokenizer.mask_token or MASK_SLOT)
     suffix = suffix.replace(MASK_SLOT, tokenizer.mask_token or MASK_SLOT)
     prefix_ids = tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"] if prefix.strip() else []
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
-    return prefix_ids, suffix_ids
+    return tuple(prefix_ids), tuple(suffix_ids)
 
 
 def max_template_tokens(backbone) -> int:
@@ -266,6 +302,8 @@ SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _TORCH_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+# Half the bytes of fp32, kept as stored in memory and cast when used; the names `lpt compact --dtype` takes.
+COMPACT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _spec(tensor: torch.Tensor | TensorSpec) -> TensorSpec:
@@ -390,13 +428,28 @@ def check_adapter(config: AdapterConfig, tensors: Mapping[str, torch.Tensor | Te
     return problems
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. On the CPU this reads the bits with numpy, on the calling thread alone: a load
+    runs beside the inference thread's passes, and a torch op here would start a second team of intra-op threads
+    that fights theirs for the same cores."""
+    if tensor.device.type != "cpu" or tensor.dtype not in FLOAT_DTYPES.values():
+        return bool(torch.isfinite(tensor).all())
+    bits = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
+            torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+    as_int, exponent = bits[tensor.dtype]
+    # A float is NaN or infinite exactly when its exponent bits are all ones.
+    raw = tensor.detach().contiguous().view(as_int).numpy()
+    return not bool(np.any((raw & exponent) == exponent))
+
+
 def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dtype) -> list[str]:
     """Weights must be finite, and stay finite in the dtype the server runs them in (1e5 is inf in float16)."""
     problems = []
     for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             problems.append(f"tensor {name!r} holds NaN or infinite values")
-        elif tensor.dtype != serving_dtype and not torch.isfinite(tensor.to(serving_dtype)).all():
+        elif (torch.finfo(serving_dtype).max < torch.finfo(tensor.dtype).max
+              and not torch.isfinite(tensor.to(serving_dtype)).all()):
             limit = torch.finfo(serving_dtype).max
             problems.append(f"tensor {name!r} holds values beyond {serving_dtype}'s range (+-{limit:.4g}), the "
                             "dtype this server runs adapters in")
@@ -426,8 +479,18 @@ def build_adapter(config_bytes: bytes | str, weights_bytes: bytes, backbone) -> 
     if problems:
         raise AdapterError(problems)
     word_ids, _ = label_word_ids(config, backbone.tokenizer)
-    adapter = TaskAdapter(config, word_ids)
-    adapter.load_state_dict(tensors, strict=True)
+    return _from_tensors(config, word_ids, tensors)
+
+
+def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: dict[str, torch.Tensor]) -> TaskAdapter:
+    """The adapter made of these tensors themselves, in the dtype they were stored in (fp64 becomes fp32). Built on
+    the meta device, so no weight is ever allocated and randomly initialised only to be overwritten."""
+    tensors = {k: t.float() if t.dtype == torch.float64 else t for k, t in tensors.items()}
+    with torch.device("meta"):
+        adapter = TaskAdapter(config, word_ids)
+    if config.head == "verbalizer":
+        adapter.head = VerbalizerHead(word_ids)  # no weights; its label ids are a buffer the file does not hold
+    adapter.load_state_dict(tensors, strict=True, assign=True)
     adapter.eval()
     for p in adapter.parameters():
         p.requires_grad_(False)
@@ -440,3 +503,45 @@ def load_adapter(directory: str | Path, backbone) -> TaskAdapter:
         if not (folder / name).is_file():
             raise AdapterError(f"{folder} has no {name}: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     return build_adapter((folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes(), backbone)
+
+
+# ------------------------------------------------------------------------------------------------- compact
+def compact_weights(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype` (fp16 or bf16); AdapterError naming each tensor that would not stay finite there."""
+    if dtype not in COMPACT_DTYPES.values():
+        raise AdapterError(f"compact dtype must be one of {', '.join(COMPACT_DTYPES)}, not {dtype}")
+    out, problems = {}, []
+    for name, tensor in tensors.items():
+        cast = tensor.detach().to("cpu", dtype).contiguous()
+        if all_finite(tensor) and not all_finite(cast):
+            limit = torch.finfo(dtype).max
+            problems.append(f"tensor {name!r} holds values beyond {dtype}'s range (+-{limit:.4g}): use bf16, "
+                            "which keeps fp32's range")
+        out[name] = cast
+    if problems:
+        raise AdapterError(problems)
+    return out
+
+
+def compact_adapter(source: str | Path, dtype: str, out: str | Path, backbone=None) -> Path:
+    """Write a copy of the adapter directory `source` with its weights in `dtype` ("fp16" or "bf16"): half the
+    bytes on disk and in a server's memory. The config is copied as it is. With `backbone`, the copy is checked
+    against it the way an upload is."""
+    if dtype not in COMPACT_DTYPES:
+        raise AdapterError(f"the compact dtype must be one of {', '.join(COMPACT_DTYPES)}, not {dtype!r}")
+    folder, target = Path(source), Path(out)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise AdapterError(f"{folder} has no {name}: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if target.resolve() == folder.resolve():
+        raise AdapterError(f"the output directory {target} is the source directory: write the compact copy elsewhere")
+    config_bytes = (folder / CONFIG_NAME).read_bytes()
+    AdapterConfig.from_json(config_bytes)  # a broken config is refused here, not by the server that gets the copy
+    weights = parse_weights((folder / WEIGHTS_NAME).read_bytes())
+    data = save_safetensors_bytes(compact_weights(weights, COMPACT_DTYPES[dtype]), metadata={"format": "pt"})
+    if backbone is not None:
+        build_adapter(config_bytes, data, backbone)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / CONFIG_NAME).write_bytes(config_bytes)
+    (target / WEIGHTS_NAME).write_bytes(data)
+    return target

@@ -14,17 +14,43 @@ The pass, for a batch whose tasks use prompt layers k_min..k_max and prompt leng
 Slots are reserved from the start for rows with a later prompt layer and stay masked (as keys) until their
 layer fills them, so one pass serves rows of different prompt layers. A masked key adds exactly zero to
 attention, so a row's result equals its result alone, whatever else is in the batch.
+
+What a pass pays per task stays small with many distinct tasks: every prompt of a layer goes into h in one write,
+and probabilities take one softmax per label count. On an accelerator (see GROUP_ON_CPU), same-shaped generators
+and linear heads of many tasks also run as batched matmuls over their stacked weights, and verbalizers share one
+MLM-head call. A grouped call whose result is not finite for any of its tasks is redone one task at a time, so a
+bad task fails exactly as it would alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import tokenizers
 import torch
 
 from lpt_serve.model.adapter import TaskAdapter, special_tokens, template_token_ids
 from lpt_serve.model.backbone import Backbone
+from lpt_serve.model.generators import group_key, grouped_prompts, is_plain, reads_every_token
+from lpt_serve.model.heads import VerbalizerHead, grouped_linear_logits, head_group_key, pooled_states
+
+log = logging.getLogger(__name__)
+
+# Generators and linear heads of the same kind and shape, of at least GROUP_MIN_TASKS tasks in one pass, run as one
+# batched matmul over their stacked weights instead of one call per task (verbalizers: one MLM-head call). A task
+# with more than GROUP_MAX_ROWS rows in the pass runs on its own: its rows already make a matrix product, and the
+# grouped call pads every task to the most rows any of them has.
+GROUP_MIN_TASKS = 2
+GROUP_MAX_ROWS = 8
+# On an accelerator one call per task costs a kernel launch or more each, which grouping saves. On a CPU a task's
+# generator costs the reading of its weights (NPG: ~1 MB, at memory bandwidth whether grouped or not), stacking
+# them reads and writes them once more, and a head's few ops cost less than laying rows out for a grouped call:
+# with 64 tasks in a 64-row batch, per-task work was 37 ms one call per task, 44 with heads grouped and 45 with
+# generators grouped too (bench/generators.py, 1 thread, CPU clock). So on a CPU every task runs its own calls.
+GROUP_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -56,19 +82,35 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], template: str | None 
     mask_id = tok.mask_token_id if template is not None else None
     in_prefix = prefix_ids.index(mask_id) if mask_id is not None and mask_id in prefix_ids else None
     in_suffix = suffix_ids.index(mask_id) if mask_id is not None and mask_id in suffix_ids else None
-    body = tok(list(texts), add_special_tokens=False)["input_ids"]
+    body = [encoding.ids for encoding in _untruncated(tok).encode_batch(list(texts), add_special_tokens=False)]
     out = []
     for ids in body:
         truncated = len(ids) > budget
-        kept = ids[:budget]
+        kept = tuple(ids[:budget])
         full = head_specials + prefix_ids + kept + suffix_ids + tail_specials
         mask_pos = None
         if in_prefix is not None:
             mask_pos = len(head_specials) + in_prefix
         elif in_suffix is not None:
             mask_pos = len(head_specials) + len(prefix_ids) + len(kept) + in_suffix
-        out.append(Encoded(tuple(full), truncated, mask_pos))
+        out.append(Encoded(full, truncated, mask_pos))
     return out
+
+
+_UNTRUNCATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _untruncated(tokenizer) -> tokenizers.Tokenizer:
+    """The fast tokenizer's own Rust tokenizer, in a copy that never truncates or pads: called directly it costs
+    half what transformers' wrapper does per request, and the wrapper's copy is no use here because the wrapper
+    re-configures its truncation on every call (shared state that other threads' calls would change)."""
+    own = _UNTRUNCATED.get(tokenizer)
+    if own is None:
+        own = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        own.no_truncation()
+        own.no_padding()
+        _UNTRUNCATED[tokenizer] = own
+    return own
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,43 +207,209 @@ def _upper(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Tensor, s
     h = torch.cat([hidden.new_zeros(batch, slots, width), hidden], dim=1)  # [B, P+S, H]
     prompt_mask = token_mask.new_zeros(batch, slots)  # [B, P]
     for layer in range(start_layer, backbone.num_layers):
-        for g in groups:
-            if g.adapter.config.prompt_layer != layer:
+        here = [g for g in groups if g.adapter.config.prompt_layer == layer]
+        if here:
+            h, prompt_mask = _insert_prompts(_prompts(here, h[:, slots:], token_mask, faults), h, prompt_mask)
+        h = backbone.run_layers(h, torch.cat([prompt_mask, token_mask], dim=1), layer, layer + 1)
+    return _heads(groups, h, token_mask, prompt_mask, backbone, faults)
+
+
+@dataclass
+class _Layout:
+    """The rows of G tasks as a [G, n] grid for a grouped call: task after task in `rows` [N], each row's task
+    `task` [N] and place `place` [N] among its task's rows; n is the most rows any of them has."""
+
+    rows: torch.Tensor
+    task: torch.Tensor
+    place: torch.Tensor
+    counts: list[int]
+
+    @classmethod
+    def of(cls, groups: Sequence[TaskGroup]) -> _Layout:
+        counts = [len(g.rows) for g in groups]
+        rows = torch.cat([g.rows for g in groups])
+        sizes = torch.tensor(counts, device=rows.device)
+        task = torch.repeat_interleave(torch.arange(len(groups), device=rows.device), sizes)
+        place = torch.arange(len(rows), device=rows.device) - (torch.cumsum(sizes, 0) - sizes)[task]
+        return cls(rows, task, place, counts)
+
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, ...] in `rows` order -> [G, n, ...], zeros where a task has fewer than n rows."""
+        out = values.new_zeros((len(self.counts), max(self.counts), *values.shape[1:]))
+        out[self.task, self.place] = values
+        return out
+
+
+@dataclass
+class _Chunk:
+    """Results for the rows of one or more tasks, one tensor for all of them: `values` [N, ...] in `rows` order,
+    `counts` rows per task."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+    counts: list[int]
+
+
+def _partition(groups: Sequence[TaskGroup], key_of: Callable[[TaskGroup], tuple | None]) -> list[list[TaskGroup]]:
+    """Groups that may share a grouped call (same key, few rows, at least GROUP_MIN_TASKS of them) together; every
+    other group on its own."""
+    shared: dict[tuple, list[TaskGroup]] = {}
+    alone: list[list[TaskGroup]] = []
+    for g in groups:
+        key = key_of(g) if len(g.rows) <= GROUP_MAX_ROWS else None
+        if key is None:
+            alone.append([g])
+        else:
+            shared.setdefault(key, []).append(g)
+    for members in shared.values():
+        if len(members) >= GROUP_MIN_TASKS:
+            alone.append(members)
+        else:
+            alone.extend([g] for g in members)
+    return alone
+
+
+def _grouped(members: Sequence[TaskGroup], compute: Callable[[_Layout], torch.Tensor]) -> _Chunk | None:
+    """`compute` on the members' rows laid out [G, n, ...]; None when it raised or any value it gave the members'
+    rows is not finite: then each member runs on its own, so a bad task is found, and answers, exactly as it would
+    without grouping, and no other task's answer comes from a call that had its weights in it."""
+    layout = _Layout.of(members)
+    try:
+        out = compute(layout)[layout.task, layout.place]  # [N, ...]
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        log.debug("a grouped call of %d tasks raised; running each on its own", len(members), exc_info=True)
+        return None
+    if not bool(torch.isfinite(out).all()):
+        return None
+    return _Chunk(layout.rows, out, layout.counts)
+
+
+def _prompts(groups: Sequence[TaskGroup], tokens: torch.Tensor, token_mask: torch.Tensor,
+             faults: Faults) -> list[_Chunk]:
+    """The prompts [N, L, H] of every group whose prompt layer is this one, grouped where they can be; a group
+    whose generator fails is recorded in `faults` and left out."""
+    chunks: list[_Chunk] = []
+    grouping = GROUP_ON_CPU or tokens.device.type != "cpu"
+    for members in _partition(groups, lambda g: group_key(g.adapter.generator) if grouping else None):
+        if len(members) > 1:
+            key = group_key(members[0].adapter.generator)
+            span = tokens if reads_every_token(key) else tokens[:, :1]
+
+            def compute(layout: _Layout, members=members, span=span) -> torch.Tensor:
+                return grouped_prompts([g.adapter.generator for g in members], layout.grid(span[layout.rows]),
+                                       layout.grid(token_mask[layout.rows]))
+
+            chunk = _grouped(members, compute)
+            if chunk is not None:
+                chunks.append(chunk)
                 continue
+        for g in members:
+            prompt = _prompt_alone(g, tokens, token_mask, faults)
+            if prompt is not None:
+                chunks.append(_Chunk(g.rows, prompt, [len(g.rows)]))
+    return chunks
+
+
+def _prompt_alone(g: TaskGroup, tokens: torch.Tensor, token_mask: torch.Tensor, faults: Faults) -> torch.Tensor | None:
+    try:
+        prompt = g.adapter.generate(tokens[g.rows], token_mask[g.rows]).to(tokens.dtype)  # [n, L, H]
+        expected = (len(g.rows), g.adapter.config.prompt_length, tokens.shape[-1])
+        if tuple(prompt.shape) != expected:
+            raise ValueError(f"task {g.adapter.task!r}: its generator gave prompts of shape {list(prompt.shape)}, "
+                             f"not {list(expected)}")
+        return prompt
+    except Exception as exc:
+        if faults is None:
+            raise
+        _record(faults, g.adapter, "generator", exc)
+        return None
+
+
+def _insert_prompts(chunks: Sequence[_Chunk], h: torch.Tensor,
+                    prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every chunk's prompts into its rows' first L slots, and those slots unmasked: one write for all of them."""
+    if not chunks:
+        return h, prompt_mask
+    row_idx, slot_idx, values = [], [], []
+    for c in chunks:
+        rows, length = len(c.rows), c.values.shape[1]
+        row_idx.append(c.rows.view(-1, 1).expand(-1, length).reshape(-1))
+        slot_idx.append(torch.arange(length, device=h.device).repeat(rows))
+        values.append(c.values.reshape(rows * length, -1))
+    index = (torch.cat(row_idx), torch.cat(slot_idx))
+    # Out of place, so autograd keeps the layer outputs it saved for the backward pass.
+    h = h.index_put(index, torch.cat(values).to(h.dtype))
+    prompt_mask = prompt_mask.index_put(index, prompt_mask.new_ones(()).expand(len(index[0])))
+    return h, prompt_mask
+
+
+def _heads(groups: Sequence[TaskGroup], h: torch.Tensor, token_mask: torch.Tensor, prompt_mask: torch.Tensor,
+           backbone: Backbone, faults: Faults) -> list[torch.Tensor | None]:
+    """Each group's logits [n, C], in group order: None where its generator or head failed (recorded in `faults`).
+    Grouping (see GROUP_ON_CPU): linear heads of one pooling and shape run as one pooling and one batched matmul;
+    verbalizers share one call of the backbone's MLM head."""
+    live = [g for g in groups if faults is None or id(g.adapter) not in faults]
+    logits: dict[int, torch.Tensor] = {}
+    grouping = GROUP_ON_CPU or h.device.type != "cpu"
+
+    def key_of(g: TaskGroup) -> tuple | None:
+        if not grouping:
+            return None
+        head = g.adapter.head
+        if is_plain(head, VerbalizerHead):
+            return ("verbalizer",)
+        return head_group_key(head)
+
+    for members in _partition(live, key_of):
+        parts: list[torch.Tensor] | None = None
+        if len(members) > 1:
+            key = key_of(members[0])
+            if key[0] == "verbalizer":
+                parts = _verbalizer_logits(members, h, prompt_mask.shape[1], backbone)
+            else:
+                pooling = key[1]
+
+                def compute(layout: _Layout, members=members, pooling=pooling) -> torch.Tensor:
+                    pooled = pooled_states(h[layout.rows], token_mask[layout.rows], prompt_mask[layout.rows], pooling)
+                    return grouped_linear_logits([g.adapter.head for g in members], layout.grid(pooled))
+
+                chunk = _grouped(members, compute)
+                parts = None if chunk is None else list(chunk.values.split(chunk.counts))
+        if parts is not None:
+            for g, part in zip(members, parts, strict=True):
+                logits[id(g)] = part
+            continue
+        for g in members:
             try:
-                h, prompt_mask = _insert_prompt(g, h, prompt_mask, token_mask, slots)
+                logits[id(g)] = g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions,
+                                                 backbone)
             except Exception as exc:
                 if faults is None:
                     raise
-                _record(faults, g.adapter, "generator", exc)
-        h = backbone.run_layers(h, torch.cat([prompt_mask, token_mask], dim=1), layer, layer + 1)
-    logits: list[torch.Tensor | None] = []
-    for g in groups:
-        if faults is not None and id(g.adapter) in faults:
-            logits.append(None)
-            continue
-        try:
-            logits.append(g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions,
-                                           backbone))
-        except Exception as exc:
-            if faults is None:
-                raise
-            _record(faults, g.adapter, "head", exc)
-            logits.append(None)
-    return logits
+                _record(faults, g.adapter, "head", exc)
+    return [logits.get(id(g)) for g in groups]
 
 
-def _insert_prompt(g: TaskGroup, h: torch.Tensor, prompt_mask: torch.Tensor, token_mask: torch.Tensor,
-                   slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's prompt into its rows' first L slots, and those slots unmasked."""
-    length = g.adapter.config.prompt_length
-    prompt = g.adapter.generate(h[g.rows, slots:], token_mask[g.rows]).to(h.dtype)  # [n, L, H]
-    # Out of place, so autograd keeps the layer outputs it saved for the backward pass.
-    row_idx = g.rows.view(-1, 1).expand(-1, length)
-    slot_idx = torch.arange(length, device=h.device).view(1, -1).expand(len(g.rows), -1)
-    h = h.index_put((row_idx, slot_idx), prompt)
-    prompt_mask = prompt_mask.index_put((row_idx, slot_idx), torch.ones_like(slot_idx, dtype=prompt_mask.dtype))
-    return h, prompt_mask
+def _verbalizer_logits(members: Sequence[TaskGroup], h: torch.Tensor, slots: int,
+                       backbone: Backbone) -> list[torch.Tensor] | None:
+    """Plain verbalizer heads share the backbone's MLM head: one call on every member's `<mask>` state, then each
+    member reads its own label words. None (each runs alone) if that call raises or gives a non-finite logit."""
+    rows = torch.cat([g.rows for g in members])
+    positions = torch.cat([g.mask_positions for g in members])
+    try:
+        vocab = backbone.mlm_logits(h[rows, slots + positions])  # [N, V]
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        log.debug("a shared MLM-head call of %d tasks raised; running each on its own", len(members), exc_info=True)
+        return None
+    parts = [part[:, g.adapter.head.label_word_ids]
+             for g, part in zip(members, vocab.split([len(g.rows) for g in members]), strict=True)]
+    if not all(bool(torch.isfinite(p).all()) for p in parts):
+        return None
+    return parts
 
 
 @torch.inference_mode()
@@ -308,6 +516,7 @@ def _classify_padded(backbone: Backbone, adapters: Sequence[TaskAdapter], encode
     index = torch.tensor(row_to_unique, dtype=torch.long, device=device)
     hidden, token_mask = shared[index], mask[index]
     logits = _upper(backbone, hidden, token_mask, start, groups, faults)
+    by_width: dict[int, list[tuple[TaskGroup, torch.Tensor]]] = {}  # one softmax per label count, not per task
     for g, lg in zip(groups, logits, strict=True):
         if lg is None:
             continue
@@ -315,7 +524,9 @@ def _classify_padded(backbone: Backbone, adapters: Sequence[TaskAdapter], encode
             faults[id(g.adapter)] = TaskFault(g.adapter.task, "head", detail=(
                 f"it gave scores of shape {list(lg.shape)} for {len(g.rows)} rows of {len(g.adapter.labels)} labels"))
             continue
-        p = torch.softmax(lg.float(), dim=-1).cpu()
-        for j, row in enumerate(g.rows.tolist()):
+        by_width.setdefault(lg.shape[-1], []).append((g, lg))
+    for members in by_width.values():
+        p = torch.softmax(torch.cat([lg for _, lg in members]).float(), dim=-1).cpu()
+        for j, row in enumerate(torch.cat([g.rows for g, _ in members]).tolist()):
             probs[row] = p[j]
     return probs

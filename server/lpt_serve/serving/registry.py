@@ -137,8 +137,9 @@ class Registry:
 
     # --------------------------------------------------------------------------------------------- loading
     def _prepare(self, adapter: TaskAdapter) -> TaskAdapter:
-        # Kept in CPU memory in the backbone's dtype; `acquire` moves it to the accelerator when needed.
-        return adapter.to(device="cpu" if self.offload else self.device, dtype=self.backbone.dtype)
+        # Kept in CPU memory; `acquire` moves it to the accelerator when needed. Weights wider than the backbone's
+        # dtype are narrowed once; a compact (fp16/bf16) adapter stays as stored, half the bytes, cast when it runs.
+        return adapter.to_serving("cpu" if self.offload else self.device, self.backbone.dtype)
 
     def load_all(self) -> dict[str, str]:
         """Index what the store has committed (state.json files only), then load the pinned tasks. A pinned task
