@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from transformers import AutoModel
 
 from lpt_serve.errors import BackboneError
 from lpt_serve.model.backbone import Backbone
-from lpt_serve.model.runtime import EMBEDDINGS_FILE, MANIFEST_FILE, layer_file
+from lpt_serve.model.runtime import EMBEDDINGS_FILE, MANIFEST_FILE, UnpaddedLayerGraph, layer_file, unpadded_misfit
 from tests.tiny import make_tiny_bert
 
 TEXTS = [
@@ -65,13 +67,35 @@ def test_plain_forward_on_onnxruntime_equals_transformers_and_torch(ort_backbone
 def test_split_forward_on_onnxruntime_composes_at_every_layer(ort_backbone, torch_backbone):
     batch = ort_backbone.tokenize(TEXTS)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.bool()
     with torch.inference_mode():
         full = ort_backbone(ids, mask)
         for k in range(ort_backbone.num_layers + 1):
             lower = ort_backbone.lower(ids, mask, upto=k)
-            torch.testing.assert_close(lower, torch_backbone.lower(ids, mask, upto=k), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lower[real], torch_backbone.lower(ids, mask, upto=k)[real], atol=1e-4,
+                                       rtol=1e-4)
             upper = ort_backbone.run_layers(lower, mask, k, ort_backbone.num_layers)
             torch.testing.assert_close(upper, full, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_compute_real_tokens_only_and_pass_padding_through(ort_backbone, torch_backbone):
+    # The mixed pass's layout: empty prompt slots first for some rows, padding at the end for others.
+    assert ort_backbone.runtime.forms == ("unpadded",) * ort_backbone.num_layers
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 11, ort_backbone.hidden_size, generator=gen)
+    mask = torch.ones(4, 11, dtype=torch.long)
+    mask[0, :5] = 0  # no prompt
+    mask[1, 2:5] = 0  # a 2-token prompt in 5 slots
+    mask[2, 8:] = 0
+    mask[3, :5] = 0
+    mask[3, 7:] = 0
+    real = mask.bool()
+    with torch.inference_mode():
+        ours = ort_backbone.run_layers(hidden, mask, 1, ort_backbone.num_layers)
+        theirs = torch_backbone.run_layers(hidden, mask, 1, ort_backbone.num_layers)
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    # A padded position is never computed: what went in comes out, finite, so masked pooling stays exact.
+    torch.testing.assert_close(ours[~real], hidden[~real], atol=0, rtol=0)
 
 
 def test_gradients_flow_through_the_layers_on_torch(ort_backbone, torch_backbone):
@@ -97,6 +121,50 @@ def test_unfreeze_leaves_onnxruntime_for_good(tiny_folder, onnx_cache):
     assert backbone.use_runtime("auto") == "torch"
     with pytest.raises(BackboneError, match="stale"):
         backbone.use_runtime("onnxruntime")
+
+
+def test_a_layer_the_unpadded_form_cannot_take_or_gets_wrong_is_exported_padded(tiny_folder, torch_backbone,
+                                                                              tmp_path, monkeypatch):
+    assert unpadded_misfit(torch_backbone.layers[0]) is None
+    assert "not a BERT-style layer" in unpadded_misfit(torch.nn.Linear(4, 4))
+
+    # An unpadded graph that computes the wrong thing (a layer whose attention differs from BERT's would): the probe
+    # catches it, and the layer is exported the plain way, which matches.
+    def wrong(self, hidden, mask):
+        return hidden * 2
+
+    monkeypatch.setattr(UnpaddedLayerGraph, "forward", wrong)
+    backbone = load_ort(tiny_folder, tmp_path)
+    assert backbone.runtime.forms == ("padded",) * backbone.num_layers
+    batch = backbone.tokenize(TEXTS)
+    real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        ours = backbone(batch["input_ids"], batch["attention_mask"])
+        theirs = torch_backbone(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    manifest = json.loads((backbone.runtime.cache_dir / MANIFEST_FILE).read_text())
+    assert {manifest["files"][layer_file(i)]["form"] for i in range(backbone.num_layers)} == {"padded"}
+
+
+def test_torch_steps_down_to_one_thread_while_onnxruntime_computes(tiny_folder, onnx_cache):
+    # torch's thread count is process-wide, and other tests hold onnxruntime backbones: a process of its own.
+    script = textwrap.dedent(f"""
+        import torch
+        from lpt_serve.model.backbone import Backbone
+        torch.set_num_threads(2)
+        backbone = Backbone.load({str(tiny_folder)!r}, device="cpu", dtype="float32", runtime="onnxruntime",
+                                 onnx_cache_dir={str(onnx_cache)!r})
+        print(backbone.runtime.threads, torch.get_num_threads())
+        backbone.use_runtime("torch")
+        print(torch.get_num_threads())
+        backbone.use_runtime("onnxruntime", cache_dir={str(onnx_cache)!r}, torch_threads=None)
+        print(backbone.runtime.threads, torch.get_num_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    on_ort, back_on_torch, left_alone = out.stdout.split("\n")[:3]
+    assert on_ort == "2 1"  # ORT gets the cores torch had; torch keeps one for the prompts and heads
+    assert back_on_torch == "2"
+    assert left_alone == "2 2"
 
 
 # ----------------------------------------------------------------------------------------------- the cache
@@ -142,7 +210,8 @@ def test_a_damaged_graph_file_is_exported_again(tiny_folder, ort_backbone, onnx_
     with torch.inference_mode():
         ours = again(batch["input_ids"], batch["attention_mask"])
         theirs = torch_backbone(batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
     assert load_ort(tiny_folder, tmp_path).runtime.exported == ()  # and the repaired entry is trusted again
 
 
@@ -154,11 +223,13 @@ def test_different_weights_with_the_same_fingerprint_never_share_graphs(tmp_path
     assert ort_a.runtime.cache_dir != ort_b.runtime.cache_dir
     assert ort_b.runtime.exported  # b found nothing of a's to reuse
     batch = ort_a.tokenize(TEXTS)
+    real = batch["attention_mask"].bool()
     with torch.inference_mode():
         for folder, ort_backbone in zip(folders, (ort_a, ort_b), strict=True):
             reference = Backbone.load(folder, device="cpu", dtype="float32", runtime="torch")
-            torch.testing.assert_close(ort_backbone(batch["input_ids"], batch["attention_mask"]),
-                                       reference(batch["input_ids"], batch["attention_mask"]), atol=1e-4, rtol=1e-4)
+            ours = ort_backbone(batch["input_ids"], batch["attention_mask"])
+            theirs = reference(batch["input_ids"], batch["attention_mask"])
+            torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- choosing

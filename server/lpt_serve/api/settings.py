@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     backbone: str | None = Field(None, description="local BERT/RoBERTa folder; default: the all-MiniLM-L6-v2 package")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
-        "torch", description="who computes the encoder: onnxruntime (fp32 on the CPU; each layer exported to ONNX once "
+        "auto", description="who computes the encoder: onnxruntime (fp32 on the CPU; each layer exported to ONNX once "
                             "and cached), torch (CUDA, half precision, or a reference), or auto (onnxruntime where it "
                             "can serve, torch otherwise)")
     onnx_cache_dir: Path | None = Field(None, description="exported ONNX graphs (default: ~/.cache/lpt-serve/onnx)")

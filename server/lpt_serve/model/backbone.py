@@ -9,6 +9,8 @@ server share them between rows).
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -103,6 +105,41 @@ def resolve_runtime(runtime: str | None, device: torch.device, dtype: torch.dtyp
     raise BackboneError(f"the onnxruntime runtime was asked for, but {unfit}: use runtime auto or torch")
 
 
+class _TorchThreadCount:
+    """torch's intra-op thread count is process-wide (a thread cannot set its own): it is turned down while any
+    backbone computes on onnxruntime, and restored when the last of them leaves it."""
+
+    def __init__(self) -> None:
+        self._found: int | None = None
+        self._holders: weakref.WeakSet[Backbone] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def full(self) -> int:
+        """torch's thread count as it was before any backbone turned it down."""
+        with self._lock:
+            return self._found if self._found is not None else torch.get_num_threads()
+
+    def lower(self, holder: Backbone, threads: int) -> None:
+        with self._lock:
+            if self._found is None:
+                self._found = torch.get_num_threads()
+            self._holders.add(holder)
+            if torch.get_num_threads() != threads:
+                log.info("torch intra-op threads %d -> %d while onnxruntime computes the encoder",
+                         torch.get_num_threads(), threads)
+                torch.set_num_threads(threads)
+
+    def restore(self, holder: Backbone) -> None:
+        with self._lock:
+            self._holders.discard(holder)
+            if self._found is not None and not self._holders:
+                torch.set_num_threads(self._found)
+                self._found = None
+
+
+_TORCH_THREADS = _TorchThreadCount()
+
+
 class Backbone(nn.Module):
     """A frozen BERT/RoBERTa-family encoder with a split forward.
 
@@ -160,11 +197,15 @@ class Backbone(nn.Module):
         onnx_cache_dir: str | Path | None = None,
         runtime_threads: int | None = None,
         runtime_spinning: bool = False,
+        torch_threads_with_onnxruntime: int | None = 1,
     ) -> Backbone:
         """Load a local model folder, never a hub download. `with_mlm_head=None`: the MLM head if the folder has one.
 
         `runtime`: who computes the encoder (see `use_runtime`); "auto" is onnxruntime for fp32 on the CPU when it
-        is installed, torch otherwise. `onnx_cache_dir`, `runtime_threads`, `runtime_spinning`: see `use_runtime`.
+        is installed, torch otherwise. The default here stays torch: the trainer loads through this, and its
+        gradients run on torch's threads, which the onnxruntime runtime turns down (the server asks for "auto").
+        `onnx_cache_dir`, `runtime_threads`, `runtime_spinning`, `torch_threads_with_onnxruntime`: see
+        `use_runtime`.
         """
         quiet_transformers()
         folder = Path(path) if path is not None else default_backbone_path()
@@ -190,7 +231,8 @@ class Backbone(nn.Module):
         name = _model_name(folder, config)
         bb = cls(encoder, tokenizer, mlm_head=head, name=name)
         bb.to(dev)
-        bb.use_runtime(runtime, cache_dir=onnx_cache_dir, threads=runtime_threads, spinning=runtime_spinning)
+        bb.use_runtime(runtime, cache_dir=onnx_cache_dir, threads=runtime_threads, spinning=runtime_spinning,
+                       torch_threads=torch_threads_with_onnxruntime)
         log.info("backbone loaded", extra={
             "backbone": name, "device": str(dev), "dtype": str(torch_dtype), "layers": bb.num_layers,
             "hidden": bb.hidden_size, "mlm_head": head is not None, "runtime": bb.runtime.name})
@@ -203,17 +245,26 @@ class Backbone(nn.Module):
         return self._runtime
 
     def use_runtime(self, runtime: str = "auto", *, cache_dir: str | Path | None = None, threads: int | None = None,
-                    spinning: bool = False, progress: bool = True) -> str:
+                    spinning: bool = False, progress: bool = True, torch_threads: int | None = 1) -> str:
         """Switch who computes the encoder; return the runtime's name ("torch" or "onnxruntime").
 
         onnxruntime serves inference only: a call that gradients must flow through (grad mode on and hidden states
         that require grad) always runs on torch, and `unfreeze` switches back to torch for good, because the ONNX
         graphs hold a copy of the weights taken at export. `cache_dir` (default: the per-user cache directory)
-        holds the exported graphs; `threads` is ONNX Runtime's intra-op thread count (default: torch's);
-        `spinning=False` (the default here; ORT's own is True) makes its idle worker threads sleep at once instead of
-        spin-waiting, which leaves the cores to torch between the per-layer calls: spinning threads fighting torch's
-        made the mixed pass 4x slower in `bench/runtime.py` (2 cores).
-        "auto" falls back to torch, with a warning, when the export fails; "onnxruntime" raises BackboneError.
+        holds the exported graphs; `threads` is ONNX Runtime's intra-op thread count (default: torch's, as it was
+        before any onnxruntime backbone turned it down).
+
+        Two settings keep ONNX Runtime's threads and torch's from fighting over the cores; the mixed pass alternates
+        them (a layer in ORT, the prompts and heads in torch). `spinning=False` (the default here; ORT's own is
+        True) makes ORT's idle workers sleep at once instead of spin-waiting between the per-layer calls.
+        `torch_threads` (default 1; None leaves it alone) is torch's intra-op thread count, process-wide, while this
+        backbone is on onnxruntime; switching it back to torch restores the count found. With ORT computing the
+        encoder, torch's share of a pass is ~15% of its CPU time, in small ops, and torch's OpenMP workers wait for
+        each other at every op: on 2 cores shared with other work, the mixed pass (16 tasks, batch 32, the texts of
+        `bench/runtime.py`) ran at a third of the speed with torch at 2 threads that it had with torch at 1.
+
+        "auto" falls back to torch, with a warning, when the export fails or a graph does not match torch within
+        1e-4; "onnxruntime" raises BackboneError.
         """
         choice = resolve_runtime(runtime, self.device, self.dtype)
         if choice == "onnxruntime" and getattr(self, "_trainable", False):
@@ -222,18 +273,26 @@ class Backbone(nn.Module):
                                     "runtime would serve a stale copy of them; use the torch runtime")
             choice = "torch"
         if choice == "torch":
-            self._runtime = self._torch_runtime
+            self._use_torch()
             return self._runtime.name
         try:
-            self._runtime = OnnxRuntime.build(
+            ort_runtime = OnnxRuntime.build(
                 self.encoder.embeddings, self.layers, fingerprint=self.fingerprint, config=self.config,
-                cache_dir=cache_dir, threads=threads, spinning=spinning, progress=progress)
+                cache_dir=cache_dir, threads=threads or _TORCH_THREADS.full(), spinning=spinning, progress=progress)
         except BackboneError as exc:
             if runtime != "auto":
                 raise
             log.warning("onnxruntime is unavailable for this backbone, using torch: %s", exc)
-            self._runtime = self._torch_runtime
+            self._use_torch()
+            return self._runtime.name
+        self._runtime = ort_runtime
+        if torch_threads is not None:
+            _TORCH_THREADS.lower(self, torch_threads)
         return self._runtime.name
+
+    def _use_torch(self) -> None:
+        self._runtime = self._torch_runtime
+        _TORCH_THREADS.restore(self)
 
     def freeze(self) -> None:
         self.eval()
@@ -248,7 +307,7 @@ class Backbone(nn.Module):
         """For `--method full` only: make every weight trainable and allow dropout."""
         self._trainable = True
         # The ONNX graphs hold the weights as they were at export; training changes them.
-        self._runtime = self._torch_runtime
+        self._use_torch()
         for p in self.parameters():
             p.requires_grad_(True)
 
