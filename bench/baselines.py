@@ -102,9 +102,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float, max
     return model.eval()
 
 
-def run_probe(backbone, splits: dict, max_length: int, l2_values: Sequence[float]) -> dict[str, Any]:
-    from lpt_serve.training.trainer import classification_metrics
-
+def probe_features(backbone, splits: dict, max_length: int) -> tuple[dict, dict, list[str], float]:
+    """Frozen embeddings and label indices of every split: (features, labels, label names, seconds)."""
     t0 = time.perf_counter()
     labels = sorted({y for _, y in splits["train"]})
     index = {label: i for i, label in enumerate(labels)}
@@ -112,68 +111,64 @@ def run_probe(backbone, splits: dict, max_length: int, l2_values: Sequence[float
     for split, rows in splits.items():
         feats[split] = embed(backbone, [t for t, _ in rows], max_length)
         ys[split] = torch.tensor([index[y] for _, y in rows])
-    embed_s = time.perf_counter() - t0
+    return feats, ys, labels, time.perf_counter() - t0
+
+
+def fit_probe(feats: dict, ys: dict, num_labels: int, l2_values: Sequence[float]) -> dict[str, Any]:
+    """Standardise with train's statistics, fit one logistic regression per L2 on train, keep the best on dev
+    (ties: lower dev log loss) and score it on test: accuracy, macro-F1, ECE and log loss."""
+    from lpt_serve.training.trainer import is_better_epoch, probability_metrics, tensor_bytes
+
+    t1 = time.perf_counter()
     mean, std = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-6)
     x = {split: (f - mean) / std for split, f in feats.items()}
-    t1 = time.perf_counter()
     sweep = []
-    best: tuple[float, float, nn.Linear] | None = None
+    best: tuple[dict, float, nn.Linear] | None = None
     for l2 in l2_values:
-        model = fit_logreg(x["train"], ys["train"], len(labels), l2)
+        model = fit_logreg(x["train"], ys["train"], num_labels, l2)
         with torch.no_grad():
-            dev = classification_metrics(ys["dev"].tolist(), model(x["dev"]).argmax(-1).tolist(), len(labels))
+            dev = probability_metrics(torch.softmax(model(x["dev"]), -1), ys["dev"].tolist(), num_labels)
         sweep.append({"l2": l2, "dev_accuracy": round(dev["accuracy"], 4), "dev_macro_f1": round(dev["macro_f1"], 4)})
-        if best is None or dev["accuracy"] > best[0]:
-            best = (dev["accuracy"], l2, model)
+        if is_better_epoch(dev, best[0] if best else None):
+            best = (dev, l2, model)
     assert best is not None
     with torch.no_grad():
-        test = classification_metrics(ys["test"].tolist(), best[2](x["test"]).argmax(-1).tolist(), len(labels))
+        test = probability_metrics(torch.softmax(best[2](x["test"]), -1), ys["test"].tolist(), num_labels)
     return {
         "test": {k: round(v, 4) for k, v in test.items()},
-        "dev_accuracy": round(best[0], 4),
+        "dev": {k: round(v, 4) for k, v in best[0].items()},
+        "dev_accuracy": round(best[0]["accuracy"], 4),
         "l2": best[1],
         "l2_sweep": sweep,
-        "embed_seconds": round(embed_s, 1),
+        "trainable_parameters": sum(p.numel() for p in best[2].parameters()),
+        # The weights and the standardisation (mean, std): what a served probe would need.
+        "adapter_bytes": tensor_bytes(best[2].state_dict() | {"mean": mean, "std": std}),
         "fit_seconds": round(time.perf_counter() - t1, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
+def run_probe(backbone, splits: dict, max_length: int, l2_values: Sequence[float]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    feats, ys, labels, embed_s = probe_features(backbone, splits, max_length)
+    return fit_probe(feats, ys, len(labels), l2_values) | {
+        "embed_seconds": round(embed_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 # -------------------------------------------------------------------------------------------------- full FT
-@torch.inference_mode()
-def predict_full(model: nn.Module, backbone, texts: Sequence[str], max_length: int, batch_size: int = 64) -> list[int]:
-    """Predictions of a `_FullModel` (ids, mask -> logits), in input order; same tokenization as the trainer."""
-    from lpt_serve.model.engine import encode_texts, pad_rows
-
-    model.eval()
-    encoded = encode_texts(backbone, list(texts), None, max_length)
-    preds = [0] * len(encoded)
-    order = _length_order(encoded)
-    pad_id = backbone.tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad_rows([encoded[i].input_ids for i in idx], pad_id)
-        logits = model(ids.to(backbone.device), mask.to(backbone.device))
-        for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
-            preds[i] = p
-    return preds
-
-
 def run_full(name: str, splits: dict, epochs: int, lr: float, batch_size: int, max_length: int,
              seed: int) -> dict[str, Any]:
     from lpt_serve.model.backbone import Backbone
-    from lpt_serve.training.trainer import Trainer, TrainSettings, classification_metrics
+    from lpt_serve.training.trainer import Trainer, TrainSettings
 
     backbone = Backbone.load()  # fresh: full fine-tuning changes the weights
     settings = TrainSettings(method="full", epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                              seed=seed)
     t0 = time.perf_counter()
-    result = Trainer(backbone, settings, progress=False).train(name, splits["train"], splits["dev"], name)
+    trainer = Trainer(backbone, settings, progress=False)
+    result = trainer.train(name, splits["train"], splits["dev"], name)
     train_s = time.perf_counter() - t0
-    index = {label: i for i, label in enumerate(result.labels)}
     t1 = time.perf_counter()
-    pred = predict_full(result.full_model, backbone, [t for t, _ in splits["test"]], max_length)
-    test = classification_metrics([index[y] for _, y in splits["test"]], pred, len(result.labels))
+    test = trainer.score(result, splits["test"])
     test_s = time.perf_counter() - t1
     out = {
         "test": {k: round(v, 4) for k, v in test.items()},

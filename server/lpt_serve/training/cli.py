@@ -127,7 +127,7 @@ def _dev_split(rows: list[tuple[str, str]], fraction: float, seed: int) -> tuple
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lpt_serve.errors import InvalidTaskName
-    from lpt_serve.training.trainer import Trainer, TrainSettings, evaluate, save_full_model
+    from lpt_serve.training.trainer import Trainer, TrainSettings, evaluate, save_full_model, save_lora_model
 
     if args.task is not None:
         _check_task_name(args.task)
@@ -155,26 +155,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         test_rows = read_examples(splits["test"])
     task = args.task or data_name
     label_words = [w.strip() for w in args.label_words.split(",")] if args.label_words else None
+    lora_targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     settings = TrainSettings(
         method=args.method, generator=args.generator, prompt_layer=args.prompt_layer,
         prompt_length=args.prompt_length, bottleneck=args.bottleneck, dropout=args.dropout, head=args.head,
         pooling=args.pooling, template=args.template, label_words=label_words, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, cache_lower=not args.no_cache,
+        patience=args.patience, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=lora_targets,
     )
     backbone = _load_backbone(args)
-    result = Trainer(backbone, settings, progress=not args.no_progress).train(task, train_rows, dev_rows, data_name)
+    trainer = Trainer(backbone, settings, progress=not args.no_progress)
+    result = trainer.train(task, train_rows, dev_rows, data_name)
     out = Path(args.out)
     summary = {"task": task, "method": args.method, "best_epoch": result.best_epoch,
                "dev": {k: round(v, 4) for k, v in result.dev_metrics.items()},
                "trainable_parameters": result.trainable_parameters, "seconds": round(result.seconds, 1)}
+    if test_rows is not None:
+        # The served adapter is scored through the server's own mixed pass; full and LoRA through their model.
+        test = evaluate(backbone, result.adapter, test_rows) if result.adapter else trainer.score(result, test_rows)
+        summary["test"] = {k: round(v, 4) for k, v in test.items()}
+        result.extra["training"] |= {"test": summary["test"], "test_size": len(test_rows)}
     if result.adapter is None:
-        save_full_model(result, out)
+        (save_lora_model if args.method == "lora" else save_full_model)(result, out)
     else:
-        if test_rows is not None:
-            test = evaluate(backbone, result.adapter, test_rows)
-            summary["test"] = {k: round(v, 4) for k, v in test.items()}
-            result.adapter.config.training = (result.adapter.config.training or {}) | {
-                "test": summary["test"], "test_size": len(test_rows)}
+        result.adapter.config.training = result.extra["training"]
         result.adapter.save(out)
     print(json.dumps(summary | {"out": str(out)}, indent=2))
     return 0
@@ -182,15 +186,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lpt_serve.model.adapter import load_adapter
-    from lpt_serve.training.trainer import evaluate
+    from lpt_serve.training.trainer import LORA_CONFIG_NAME, Trainer, evaluate, load_lora_model
 
     _check_device(args)
     rows, _, _ = _resolve_data(args.data, args.split)
     backbone = _load_backbone(args)
-    adapter = load_adapter(args.adapter, backbone)
-    metrics = evaluate(backbone, adapter, rows)
-    print(json.dumps({"task": adapter.task, "rows": len(rows), **{k: round(v, 4) for k, v in metrics.items()}},
-                     indent=2))
+    if (Path(args.adapter) / LORA_CONFIG_NAME).is_file():  # what `lpt train --method lora` wrote
+        result, settings = load_lora_model(args.adapter, backbone)
+        task = result.extra["training"].get("data") or Path(args.adapter).name
+        metrics = Trainer(backbone, settings, progress=False).score(result, rows)
+    else:
+        adapter = load_adapter(args.adapter, backbone)
+        task = adapter.task
+        metrics = evaluate(backbone, adapter, rows)
+    print(json.dumps({"task": task, "rows": len(rows), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from lpt_serve.format import WEIGHTS_NAME
+    from lpt_serve.model.adapter import compact_adapter
+
+    source = _check_adapter_dir(args.adapter_dir)
+    out = Path(args.out) if args.out else source.with_name(f"{source.name}-{args.dtype}")
+    before = (source / WEIGHTS_NAME).stat().st_size
+    compact_adapter(source, args.dtype, out)
+    after = (out / WEIGHTS_NAME).stat().st_size
+    print(json.dumps({"out": str(out), "dtype": args.dtype, "weights_bytes": after, "source_weights_bytes": before}))
     return 0
 
 
@@ -275,15 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task adapter (or a full fine-tune for comparison)",
                        formatter_class=HelpFormatter,
                        description="Train one task. LPT caches the frozen layers below the prompt layer once and "
-                                   "reuses them every epoch; the best epoch on dev data is kept.")
+                                   "reuses them every epoch. The epoch with the best dev accuracy is kept; among "
+                                   "epochs of equal dev accuracy, the one with the lowest dev loss (cross-entropy), "
+                                   "the better calibrated. Dev and test metrics include the expected calibration "
+                                   "error (ECE, 15 equal-width bins of the top-class confidence).")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--task", help="task name (default: the data's name); a-z, 0-9, '_' and '-'")
     p.add_argument("--out", required=True, help="directory to write the adapter to")
     p.add_argument("--dev", help="dev data (file or dataset name); default: the dataset's dev split or --dev-split")
     p.add_argument("--dev-split", type=float, default=0.1, help="fraction of --data held out for dev when no --dev")
     p.add_argument("--test", help="test data to report after training (recorded in the adapter's config)")
-    p.add_argument("--method", choices=["lpt", "prompt", "full"], default="lpt",
-                   help="lpt: late prompt; prompt: classic prompt tuning at the input; full: full fine-tuning")
+    p.add_argument("--method", choices=["lpt", "prompt", "lora", "full"], default="lpt",
+                   help="lpt: late prompt (servable); prompt: classic prompt tuning at the input (servable); "
+                        "lora: LoRA with PEFT, for comparison (writes lora_model.safetensors, which `lpt eval` "
+                        "scores but the server does not serve); full: full fine-tuning, for comparison")
     p.add_argument("--generator", choices=["npg", "mppg", "appg"], default="npg", help="prompt generator (lpt)")
     p.add_argument("--prompt-layer", type=int, default=None,
                    help="layer k after which the prompt enters (default: the middle layer, N//2)")
@@ -297,8 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="e.g. '{text} . It was <mask> .'")
     p.add_argument("--label-words", help="comma-separated, one per label in sorted label order, e.g. terrible,great")
     p.add_argument("--epochs", type=int, default=12,
-                   help="passes over the training data; the epoch best on dev is kept")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: lpt 2e-3, prompt 3e-2, full 3e-5)")
+                   help="passes over the training data; the epoch with the best dev accuracy is kept, ties going "
+                        "to the lower dev loss")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop early after this many epochs without a better dev epoch (default: run every epoch)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: lpt 2e-3, prompt 3e-2, lora 1e-3, full 3e-5)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r (--method lora)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha; updates are scaled by alpha/r")
+    p.add_argument("--lora-targets", default="query,value",
+                   help="comma-separated names of the linear layers LoRA adapts (--method lora), e.g. "
+                        "query,key,value,dense")
     p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text (longer texts are cut)")
     p.add_argument("--seed", type=int, default=0,
@@ -308,10 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     backbone_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="accuracy and macro-F1 of an adapter on labelled data",
+    p = sub.add_parser("eval", help="accuracy, macro-F1 and calibration of an adapter on labelled data",
                        formatter_class=HelpFormatter,
-                       description="Score an adapter on labelled data; prints accuracy and macro-F1 as JSON.")
-    p.add_argument("--adapter", required=True, help="adapter directory")
+                       description="Score an adapter on labelled data; prints accuracy, macro-F1, expected "
+                                   "calibration error (ece: 15 equal-width bins of the top-class confidence) and "
+                                   "log loss (mean cross-entropy) as JSON.")
+    p.add_argument("--adapter", required=True,
+                   help="adapter directory (or the directory `lpt train --method lora` wrote)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split, for a dataset name")
     backbone_args(p)
@@ -327,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the train/dev/test split")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("compact", help="copy an adapter with its weights in fp16 or bf16 (half the bytes)",
+                       formatter_class=HelpFormatter,
+                       description="Write a copy of an adapter directory whose weights are stored in fp16 or bf16: "
+                                   "half the bytes on disk and in a server's memory; the server casts them to its "
+                                   "own dtype when it runs them. bf16 keeps fp32's range; fp16 keeps more digits "
+                                   "but refuses weights beyond +-65504. Upload the copy like any adapter.")
+    p.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--dtype", required=True, choices=["fp16", "bf16"], help="dtype of the copy's weights")
+    p.add_argument("--out", help="directory to write the copy to (default: ADAPTER_DIR-DTYPE beside it)")
+    p.set_defaults(func=cmd_compact)
 
     def server_args(p: argparse.ArgumentParser, *, admin: bool = False) -> None:
         p.add_argument("--url", default=os.environ.get("LPT_URL", DEFAULT_URL),

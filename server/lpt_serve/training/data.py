@@ -50,7 +50,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -431,6 +431,14 @@ def _stratified_sample(examples: list[Example], size: int, rng: random.Random) -
     for lbl in groups:
         chosen.extend(rng.sample(by_label[lbl], quota[lbl]))
     return [examples[i] for i in sorted(chosen)]
+
+
+def stratified_subset(examples: Sequence[Example], size: int, seed: int) -> list[Example]:
+    """``size`` examples drawn class-proportionally (largest remainder) with ``random.Random(seed)``, in source
+    order: the few-shot training and dev sets of ``bench/accuracy.py``. All of them when ``size`` is not smaller."""
+    if size >= len(examples):
+        return list(examples)
+    return _stratified_sample(list(examples), size, random.Random(seed))
 
 
 def _stratified_split(examples: list[Example], rng: random.Random) -> dict[str, list[Example]]:
