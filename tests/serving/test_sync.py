@@ -50,6 +50,20 @@ def test_every_change_bumps_the_generation(replicas, tiny_backbone, tmp_path):
     assert a.store.generation() == before + 3
 
 
+def test_the_replica_making_a_change_is_at_the_new_generation_at_once(replicas, tiny_backbone, tmp_path):
+    """/readyz reports `registry.generation`: the replica that made a change must not look behind until it syncs."""
+    a, b = replicas
+    upload(a, tiny_backbone, "a", 10, tmp_path)
+    assert a.generation == a.store.generation()
+    upload(b, tiny_backbone, "b", 11, tmp_path)  # b catches up with a's change on the way
+    assert b.generation == b.store.generation() and b.entry("a").version == 2
+    a.rollback("a")  # and a takes b's upload with its own rollback
+    assert a.generation == a.store.generation() and a.entry("b").version == 2
+    a.retire("a")
+    assert a.generation == a.store.generation()
+    assert a.sync() == []
+
+
 def test_an_upload_through_one_replica_is_served_by_the_other(replicas, tiny_backbone, tmp_path):
     a, b = replicas
     old = probabilities(b, "a")

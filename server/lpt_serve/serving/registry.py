@@ -370,6 +370,7 @@ class Registry:
             record = self.store.commit(task, config_bytes, weights_bytes)
             served = ServedTask(task, record.current, record.versions, adapter)
             self._swap(_entry(record), served)
+            self._after_local_change()
         log.info("task %s now serves v%d (%d parameters)", task, served.version, adapter.num_parameters())
         return served
 
@@ -383,6 +384,7 @@ class Registry:
                 raise AdapterError(f"version {record.current} of {task!r} no longer loads: {exc}") from exc
             served = ServedTask(task, record.current, record.versions, adapter)
             self._swap(_entry(record), served)
+            self._after_local_change()
         log.info("task %s rolled back to v%d", task, served.version)
         return served
 
@@ -397,6 +399,7 @@ class Registry:
                 self._host_drop(task)
                 self._forget_load(task)
             self._forget_health(task)
+            self._after_local_change()
         log.info("task %s retired", task)
 
     def _swap(self, entry: TaskEntry, served: ServedTask) -> None:
@@ -422,23 +425,39 @@ class Registry:
         """Serve what the store holds now. Cheap when nothing changed (one small file read); `full` compares every
         task's stamp even then (a change whose generation bump failed, or files edited by hand). Returns the tasks
         whose served version changed, appeared or left. Blocking: call off the event loop."""
-        generation, named = self.store.changes_since(self.generation)
-        if generation == self.generation and not full:
+        if self.store.generation() == self.generation and not full:
             return []
         with self._mutate:
-            if named is not None and not full:
-                candidates = named  # the store's journal names the tasks changed since our generation
-            else:
-                names = self.store.task_names()
-                present = set(names)
-                candidates = [t for t in names if self.store.state_stamp(t) != self._stamps.get(t)]
-                candidates += [t for t in self._index if t not in present]
-            changed = self._reconcile(candidates)
-            self.generation = generation
+            generation, changed = self._catch_up(full=full)
         if changed:
             log.info("store generation %d: now serving %s", generation,
                      ", ".join(self._describe(t) for t in changed[:20]) + (" ..." if len(changed) > 20 else ""))
         return changed
+
+    def _after_local_change(self) -> None:
+        # Under `_mutate`. Our own change bumped the store's generation: catch up now (our task reconciles to what we
+        # just swapped in; any other task changed meanwhile is taken too), so /readyz reports the generation we serve
+        # at once rather than after the next watch tick. The change itself is done: a failure here only logs.
+        try:
+            self._catch_up()
+        except (OSError, StoreError) as exc:
+            log.warning("could not catch up with the store after a change (the next sync will): %s", exc)
+
+    def _catch_up(self, *, full: bool = False) -> tuple[int, list[str]]:
+        """Under `_mutate`: reconcile what changed since our generation, then record the store's generation."""
+        generation, named = self.store.changes_since(self.generation)
+        if generation == self.generation and not full:
+            return generation, []
+        if named is not None and not full:
+            candidates = named  # the store's journal names the tasks changed since our generation
+        else:
+            names = self.store.task_names()
+            present = set(names)
+            candidates = [t for t in names if self.store.state_stamp(t) != self._stamps.get(t)]
+            candidates += [t for t in self._index if t not in present]
+        changed = self._reconcile(candidates)
+        self.generation = generation
+        return generation, changed
 
     def sync_task(self, task: str) -> bool:
         """Reconcile one task with the store now; True if what it serves changed."""
