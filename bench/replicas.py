@@ -2,17 +2,28 @@
 to reach every replica.
 
 These 2 cores cannot run 4 real encoders side by side, so each replica simulates an accelerator: the encoder is
-the tiny random one of the unit tests and every forward pass also sleeps `--pass-ms` (100 ms), freeing the cores
-as a pass on a GPU would (`LPT_SIMULATED_PASS_MS`). A replica can then answer at most `max_batch_size` (64) rows
-per pass, and what the benchmark measures is what routing and convergence cost: N replicas should give N times the
-rows/s of one. Requests carry `--texts` (16) texts of one task (tasks drawn from 16), from `--clients-per-replica`
-(8) closed-loop clients per replica, enough to fill every pass.
+the tiny random one of the unit tests and every forward pass lasts `--pass-ms` (250 ms): the real forward, then
+sleep, freeing the cores as a pass on a GPU would (`LPT_SIMULATED_PASS_MS`). A replica can then answer at most
+`max_batch_size` (64) rows per pass, and what the benchmark measures is what routing and convergence cost: N
+replicas should give N times the rows/s of one. Requests carry `--texts` (16) texts of one task (tasks drawn from
+16), from `--clients-per-replica` (16) closed-loop clients per replica: four passes' worth of rows in flight, so
+that a replica's queue does not run dry when the proxy's spread is momentarily uneven. The run order is 1, 2, 4
+and 1 replicas again; the baseline is the mean of the two 1-replica runs.
 
-Convergence: with traffic running, one upload goes through the proxy; rounds of concurrent requests then ask for
-that task until, in one round, every replica has answered and all with the new version. The time from the
-upload's answer to that round is the convergence time (each replica polls the store every 0.5 s).
+The CPU each part used is measured per run (the load generator, Ray's proxy, the replicas, Ray's controller, raylet
+and GCS) as CPU milliseconds per request and cores busy: where the cores are the limit, that shows. The pass time
+is long because these processes need about 23 ms of CPU per request of 16 texts between them: at 100 ms per pass,
+4 replicas would need 3-4 cores.
 
-    python -m bench.replicas                # ~4 min
+Convergence: with every client asking for one task, an upload of that task goes through the proxy; a replica has
+converged at its first answer with the new version after which every request sent to it got the new version, and
+the convergence time is the latest replica's, from the upload's answer (each replica polls the store every 0.5 s;
+a request admitted before its replica's sync answers with the version it was admitted on, up to a few passes
+later).
+
+Ray runs with `lpt_serve.api.ray_serve.THROUGHPUT_ENV` (`--ray-defaults` to compare without).
+
+    python -m bench.replicas                # ~5 min
     python -m bench.replicas --quick        # smoke run
 """
 
@@ -36,6 +47,41 @@ from bench.http_path import TEXTS, make_store
 NAME = "replicas"
 TARGET_PER_REPLICA = 0.9
 ADMIN_TOKEN = "bench-admin-token"
+
+
+ROLES = ("load generator", "proxy", "replicas", "ray (controller, raylet, gcs)")
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process and everything under it (Ray's processes are its descendants), by role."""
+    import psutil
+
+    me = psutil.Process()
+    seen: dict[int, tuple[str, float]] = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue  # exited meanwhile
+        if process.pid == me.pid:
+            role = ROLES[0]
+        elif "ProxyActor" in command:
+            role = ROLES[1]
+        elif "ServeReplica" in command:
+            role = ROLES[2]
+        else:
+            role = ROLES[3]
+        seen[process.pid] = (role, times.user + times.system)
+    return seen
+
+
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role used between two snapshots (a process new since `before` counts from zero)."""
+    used = dict.fromkeys(ROLES, 0.0)
+    for pid, (role, seconds) in after.items():
+        used[role] += seconds - before.get(pid, (role, 0.0))[1]
+    return used
 
 
 async def closed_loop(url: str, tasks: list[str], clients: int, texts: int, duration_s: float,
@@ -69,26 +115,39 @@ async def closed_loop(url: str, tasks: list[str], clients: int, texts: int, dura
             "requests_by_replica": dict(replicas)}
 
 
-async def convergence(url: str, task: str, files: tuple[bytes, bytes], replicas: int, tasks: list[str],
-                      clients: int, texts: int) -> dict[str, Any]:
-    """Seconds from an upload's answer until a round in which every replica answered with the new version."""
+async def convergence(url: str, task: str, files: tuple[bytes, bytes], replicas: int, clients: int, texts: int,
+                      watch_s: float = 5.0) -> dict[str, Any]:
+    """How long after an upload's answer every replica answers with the new version, seen in traffic for that task.
+
+    All the clients ask for `task` through the change; each answer is logged (when sent and answered, relative to
+    the upload's answer; which replica; which version). A replica has converged at the first answer with the new
+    version after which every request sent to it got the new version; the convergence time is the latest replica's.
+    Traffic rather than probes: the proxy may send a burst of probes all to one replica, round after round."""
     import httpx
 
     from lpt_serve.api.ray_serve import REPLICA_HEADER
 
+    answers: list[tuple[float, float, str, int]] = []
     failures = 0
+    uploaded: float | None = None
     stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
 
-        async def traffic() -> None:
+        async def traffic(seed: int) -> None:
             nonlocal failures
-            rng = random.Random(1)
+            rng = random.Random(seed)
             while not stop.is_set():
                 body = {"texts": [rng.choice(TEXTS) for _ in range(texts)]}
-                r = await client.post(f"/classify/{rng.choice(tasks)}", json=body)
-                failures += r.status_code != 200
+                sent = time.monotonic()
+                r = await client.post(f"/classify/{task}", json=body)
+                if r.status_code != 200:
+                    failures += 1
+                elif uploaded is not None:
+                    answers.append((sent - uploaded, time.monotonic() - uploaded, r.headers.get(REPLICA_HEADER, "?"),
+                                    r.json()["version"]))
 
-        background = [asyncio.create_task(traffic()) for _ in range(clients)]
+        background = [asyncio.create_task(traffic(seed)) for seed in range(clients)]
         await asyncio.sleep(1.0)
         config, weights = files
         r = await client.put(f"/admin/tasks/{task}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
@@ -97,31 +156,35 @@ async def convergence(url: str, task: str, files: tuple[bytes, bytes], replicas:
         uploaded = time.monotonic()
         r.raise_for_status()
         new = r.json()["version"]
-        converged = None
-        while time.monotonic() - uploaded < 15:
-            batch = await asyncio.gather(*(client.post(f"/classify/{task}", json={"text": "good"})
-                                           for _ in range(4 * replicas)))
-            seen: dict[str, set[int]] = {}
-            for response in batch:
-                failures += response.status_code != 200
-                if response.status_code == 200:
-                    seen.setdefault(response.headers.get(REPLICA_HEADER, "?"), set()).add(response.json()["version"])
-            if len(seen) == replicas and all(v == {new} for v in seen.values()):
-                converged = time.monotonic() - uploaded
-                break
+        await asyncio.sleep(watch_s)
         stop.set()
         await asyncio.gather(*background)
-    return {"seconds": converged, "version": new, "failed_requests": failures}
+    by_replica: dict[str, list[tuple[float, float, int]]] = {}
+    for sent, answered, replica, version in answers:
+        by_replica.setdefault(replica, []).append((sent, answered, version))
+    converged: dict[str, float | None] = {}
+    for replica, seen in by_replica.items():
+        seen.sort()  # by send time
+        last_old = max((i for i, (_, _, version) in enumerate(seen) if version != new), default=-1)
+        after = [answered for _, answered, _ in seen[last_old + 1:]]
+        converged[replica] = min(after) if after else None
+    complete = len(converged) == replicas and all(t is not None for t in converged.values())
+    return {"seconds": max(converged.values()) if complete else None,  # type: ignore[type-var]
+            "by_replica": converged, "version": new, "failed_requests": failures, "answers": len(answers)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--replicas", default="1,2,4", help="replica counts, comma-separated")
-    p.add_argument("--pass-ms", type=float, default=100.0, help="the simulated accelerator's time per pass")
+    p.add_argument("--replicas", default="1,2,4,1",
+                   help="replica counts in the order run, comma-separated; the first count's runs are the baseline")
+    p.add_argument("--pass-ms", type=float, default=250.0, help="the simulated accelerator's time per pass")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--texts", type=int, default=16, help="texts per request")
-    p.add_argument("--clients-per-replica", type=int, default=8)
+    p.add_argument("--clients-per-replica", type=int, default=16,
+                   help="closed-loop clients per replica: enough rows in flight to fill every replica's passes")
+    p.add_argument("--ray-defaults", action="store_true",
+                   help="run Ray Serve with its default settings, not lpt_serve.api.ray_serve.THROUGHPUT_ENV")
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic per replica count")
     p.add_argument("--threads", type=int, default=1)
@@ -138,6 +201,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wait, monitor = start_run(args)
+    from lpt_serve.api.ray_serve import THROUGHPUT_ENV
+
+    # Before Ray starts: its processes (proxy, replicas) read these from the environment they inherit.
+    ray_env = {} if args.ray_defaults else THROUGHPUT_ENV
+    os.environ.update(ray_env)
     import ray
     from ray import serve
 
@@ -148,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     machine = machine_info()
     counts = [int(n) for n in args.replicas.split(",")]
-    results: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lpt-bench-replicas-") as tmp:
         folder, tasks = make_store(Path(tmp), args.tasks)
         backbone = Backbone.load(folder, device="cpu", dtype="float32")
@@ -168,25 +236,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serve.run(app.bind(args_for_replicas), name="lpt", route_prefix="/")
                 clients = args.clients_per_replica * n
                 asyncio.run(closed_loop(url, tasks, clients, args.texts, 3.0, args.seed + 1))  # warm up
+                cpu_before = cpu_by_process()
                 run = asyncio.run(closed_loop(url, tasks, clients, args.texts, args.duration, args.seed))
-                files = adapter_files(make_adapter(backbone, tasks[0], seed=100 + n), Path(tmp) / f"upload-{n}")
-                run["convergence"] = asyncio.run(convergence(url, tasks[0], files, n, tasks, clients, args.texts))
-                results[str(n)] = run
+                used = cpu_between(cpu_before, cpu_by_process())
+                requests = sum(run["requests_by_replica"].values()) or 1
+                run["replicas"] = n
+                run["cores_busy"] = {role: seconds / run["seconds"] for role, seconds in used.items()}
+                run["cpu_ms_per_request"] = {role: 1000 * seconds / requests for role, seconds in used.items()}
+                upload = adapter_files(make_adapter(backbone, tasks[0], seed=100 + len(runs)),
+                                       Path(tmp) / f"upload-{len(runs)}")
+                run["convergence"] = asyncio.run(convergence(url, tasks[0], upload, n, clients, args.texts))
+                runs.append(run)
                 serve.delete("lpt")
         finally:
             serve.shutdown()
             ray.shutdown()
-    one = results[str(counts[0])]["rows_per_s"] / counts[0]
+    # The baseline: the mean over every run at the first count (`1,2,4,1` measures one replica before and after).
+    baseline = [r["rows_per_s"] / r["replicas"] for r in runs if r["replicas"] == counts[0]]
+    one = sum(baseline) / len(baseline)
     rows = []
-    for n in counts:
-        r = results[str(n)]
+    for r in runs:
+        n = r["replicas"]
         per_replica = r["rows_per_s"] / n
         r["per_replica_vs_one"] = ratio(per_replica, one)
         rows.append([n, fmt(r["rows_per_s"], 0), fmt(per_replica, 0), fmt(r["per_replica_vs_one"], 2),
                      ", ".join(str(v) for v in sorted(r["requests_by_replica"].values())),
+                     fmt(sum(r["cores_busy"].values()), 2),
+                     " / ".join(fmt(r["cpu_ms_per_request"][role], 1) for role in ROLES),
                      fmt(r["convergence"]["seconds"], 2), str(r["convergence"]["failed_requests"]),
                      str(sum(r["errors"].values()))])
     table = markdown_table(["replicas", "rows/s", "rows/s per replica", "per replica vs 1", "requests per replica",
+                            "cores busy", "CPU ms per request: " + " / ".join(ROLES),
                             "upload served by all (s)", "failed during upload", "errors"], rows)
     cpu = monitor.stop()
     print(header("Replicas through Ray Serve's proxy (simulated accelerator)", machine,
@@ -196,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print(f"\ntarget: per replica >= {TARGET_PER_REPLICA} of one replica's; an upload served by all within 2 s")
     save_results(NAME, args, {"name": NAME, "date": now_iso(), "machine": machine, "wait": wait,
-                              "settings": vars(args), "results": results, "cpu_contention": cpu, "table": table,
+                              "settings": vars(args), "ray_env": ray_env, "runs": runs, "cpu_contention": cpu,
+                              "table": table,
                               "total_seconds": time.perf_counter() - started})
     return 0
 

@@ -72,8 +72,8 @@ class Settings(BaseSettings):
                                    "other replicas or `lpt` (seconds; 0 turns watching off: one replica alone)")
     full_sync_interval_s: float = Field(60.0, gt=0, description="how often to compare every task's state with the "
                                         "store even when its generation did not move (catches hand edits)")
-    simulated_pass_ms: float = Field(0.0, ge=0, le=10_000, description="benchmarks only: every forward pass also "
-                                     "sleeps this long, as if it ran on an accelerator while the cores stay free")
+    simulated_pass_ms: float = Field(0.0, ge=0, le=10_000, description="benchmarks only: every forward pass lasts "
+                                     "this long (the real forward, then sleep), as on an accelerator: cores stay free")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(True, description="one JSON object per log line")
 

@@ -67,8 +67,9 @@ class ServiceConfig:
     # every task's state even when the generation did not move (hand edits, a failed bump).
     sync_interval_s: float = 0.5
     full_sync_interval_s: float = 60.0
-    # Benchmarks only: each pass also sleeps this long, freeing the cores as a pass on an accelerator would, so that
-    # several replicas on one small machine measure routing and convergence rather than a shared CPU.
+    # Benchmarks only: each pass lasts this long, the real forward inside it and the rest asleep, freeing the cores
+    # as a pass on an accelerator would (its time is the device's, not the host's), so that several replicas on one
+    # small machine measure routing and convergence rather than a shared CPU.
     simulated_pass_ms: float = 0.0
 
 
@@ -196,6 +197,7 @@ class Service:
         """On the inference thread: hold out quarantined tasks, place the others' adapters, run one mixed pass in
         which a failing task answers `TaskFailed` and the rest are served, and keep each task's failure streak."""
         registry = self.registry
+        started = time.perf_counter()
         answers: list[list[float] | BaseException | None] = [None] * len(adapters)
         live = []
         for i, adapter in enumerate(adapters):
@@ -215,7 +217,7 @@ class Service:
             for adapter in outcome.answered.values():
                 registry.record_success(adapter)
         if self.config.simulated_pass_ms > 0:
-            time.sleep(self.config.simulated_pass_ms / 1000)
+            time.sleep(max(0.0, self.config.simulated_pass_ms / 1000 - (time.perf_counter() - started)))
         return answers  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------------- classify
