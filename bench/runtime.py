@@ -48,6 +48,14 @@ On a shared 2-core VM, torch at 2 threads with libgomp's default spin-wait ran t
 1 thread (its workers spin against other processes at every op); OMP_WAIT_POLICY=PASSIVE (read at process start,
 so an environment variable, inherited by the servers) removes that, and is the fairer 2-thread baseline there.
     python -m bench.runtime --quick    # smoke run
+
+On an accelerator (`--device cuda --dtype bfloat16`, or float16): the same table for raw transformers and the lpt
+engine on torch (ONNX Runtime is the CPU runtime here: its rows are left out), the model and every batch on the
+device, each measurement ended by `torch.cuda.synchronize()`, the HTTP server started with the same device and
+dtype. CUDA graphs and `torch.compile` are not used by the engine yet; this mode is what would show whether they
+help.
+
+    python -m bench.runtime --device cuda --dtype bfloat16 --threads 4 --batch-sizes 32,64,256
 """
 
 from __future__ import annotations
@@ -141,10 +149,20 @@ def engine_pass(backbone, adapters: Sequence, encoded: Sequence, chunks: Sequenc
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(run: Callable[[], Any], rows: int, clock: str) -> tuple[float, float]:
+def synchronize(device: str) -> None:
+    """Wait for the accelerator's queued work: a pass on CUDA returns before its kernels have run."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[], Any], rows: int, clock: str, device: str = "cpu") -> tuple[float, float]:
     """(rows/s by `clock`, CPU ms per row) of one run."""
+    synchronize(device)
     started, cpu = CLOCKS[clock](), time.process_time()
     run()
+    synchronize(device)
     return rows / (CLOCKS[clock]() - started), (time.process_time() - cpu) / rows * 1000
 
 
@@ -154,8 +172,11 @@ def http_runs(store: Path, tasks: list[str], texts: list[str], args: argparse.Na
     """Each runtime's server under closed-loop load, mixed tasks and one task, interleaved over `--http-reps`."""
     from bench.serving import Server, closed_loop, free_port
 
-    runtimes = {"torch": ["--runtime", "torch"],
-                "onnxruntime": ["--runtime", "onnxruntime", "--onnx-cache-dir", ort_cache]}
+    if on_accelerator(args):
+        runtimes = {"torch": ["--runtime", "torch", "--device", args.device, "--dtype", args.dtype]}
+    else:
+        runtimes = {"torch": ["--runtime", "torch"],
+                    "onnxruntime": ["--runtime", "onnxruntime", "--onnx-cache-dir", ort_cache]}
     servers: dict[str, Server] = {}
     results: dict[str, Any] = {}
     try:
@@ -205,6 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="ORT worker threads spin-wait between runs (ORT's default), sleep (off, the server's), or both")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="in-process rows/s by the wall clock, or by CPU seconds (a shared machine: with --threads 1)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: torch rows only, on the accelerator")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the backbone's dtype (raw transformers and the lpt engine alike); not float32: torch only")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX cache directory (default: the per-user one)")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop HTTP clients")
@@ -225,6 +249,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def on_accelerator(args: argparse.Namespace) -> bool:
+    """Torch rows only: ONNX Runtime serves fp32 on the CPU."""
+    return args.device != "cpu" or args.dtype != "float32"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wait, monitor = start_run(args)
@@ -239,24 +268,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     machine = machine_info()
     machine["onnxruntime"] = onnxruntime.__version__
-    on_torch = Backbone.load(device="cpu", dtype="float32", runtime="torch")
-    t0 = time.perf_counter()
-    on_ort = Backbone.load(device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=args.onnx_cache,
-                           runtime_threads=args.threads, torch_threads_with_onnxruntime=args.ort_torch_threads)
-    ort_build = {"seconds": round(time.perf_counter() - t0, 2), "exported": list(on_ort.runtime.exported),
-                 "cache_dir": str(on_ort.runtime.cache_dir), "threads": on_ort.runtime.threads,
-                 "layer_forms": list(on_ort.runtime.forms)}
+    device, dtype = args.device, args.dtype
+    if device.startswith("cuda"):
+        machine["accelerator"] = torch.cuda.get_device_name(device)
+    on_torch = Backbone.load(device=device, dtype=dtype, runtime="torch")
     engines: list[Engine] = [Engine(LPT_TORCH, on_torch, args.threads)]
-    if args.ort_spinning in ("off", "both"):
+    on_ort, ort_build = None, {"seconds": 0.0, "exported": [], "cache_dir": "", "threads": 0, "layer_forms": []}
+    if not on_accelerator(args):
+        t0 = time.perf_counter()
+        on_ort = Backbone.load(device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=args.onnx_cache,
+                               runtime_threads=args.threads, torch_threads_with_onnxruntime=args.ort_torch_threads)
+        ort_build = {"seconds": round(time.perf_counter() - t0, 2), "exported": list(on_ort.runtime.exported),
+                     "cache_dir": str(on_ort.runtime.cache_dir), "threads": on_ort.runtime.threads,
+                     "layer_forms": list(on_ort.runtime.forms)}
+    if on_ort is not None and args.ort_spinning in ("off", "both"):
         engines.append(Engine(LPT_ORT, on_ort, args.ort_torch_threads))
-    if args.ort_spinning in ("on", "both"):
+    if on_ort is not None and args.ort_spinning in ("on", "both"):
         spinning = Backbone.load(device="cpu", dtype="float32", runtime="torch")
         spinning.use_runtime("onnxruntime", cache_dir=args.onnx_cache, threads=args.threads, spinning=True,
                              torch_threads=args.ort_torch_threads)
         engines.append(Engine(LPT_ORT_SPIN, spinning, args.ort_torch_threads))
     raw_model = AutoModel.from_pretrained(default_backbone_path(), add_pooling_layer=False,
-                                          attn_implementation="sdpa", dtype=torch.float32,
-                                          local_files_only=True).eval()
+                                          attn_implementation="sdpa", dtype=getattr(torch, dtype),
+                                          local_files_only=True).eval().to(device)
     raw = Engine(RAW, raw_model, args.threads)
 
     texts, source = load_texts(args.texts, args.seed)
@@ -266,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     padded = {b: [pad_rows([encoded[i].input_ids for i in c], pad_id) for c in chunks[b]] for b in args.batch_sizes}
     tokens = sum(len(e.input_ids) for e in encoded)
     computed = {b: sum(ids.numel() for ids, _ in padded[b]) for b in args.batch_sizes}
+    # The raw forward's inputs wait on the device, as a server's would after their copy; the engine copies its own.
+    padded = {b: [(ids.to(device), mask.to(device)) for ids, mask in padded[b]] for b in args.batch_sizes}
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lpt-bench-runtime-") as tmp:
@@ -304,16 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for b in args.batch_sizes:
                 raw.prepare()
                 samples.setdefault(f"b{b}|{RAW}", []).append(
-                    timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock))
+                    timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock, device))
                 for n in args.tasks:
                     for engine in order:
                         engine.prepare()
                         samples.setdefault(f"b{b}|t{n}|{engine.name}", []).append(
-                            timed(lambda e=engine, n=n, b=b: run_engine(e, n, chunks[b]), len(texts), args.clock))
+                            timed(lambda e=engine, n=n, b=b: run_engine(e, n, chunks[b]), len(texts), args.clock,
+                                  device))
 
         http = None
         if not args.no_http:
-            http = http_runs(store, names[:HTTP_TASKS], texts, args, str(on_ort.runtime.cache_dir.parent))
+            ort_cache = "" if on_ort is None else str(on_ort.runtime.cache_dir.parent)
+            http = http_runs(store, names[:HTTP_TASKS], texts, args, ort_cache)
 
     def median(key: str, index: int = 0) -> float:
         return statistics.median(s[index] for s in samples[key])
@@ -384,17 +422,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     padding = ", ".join(f"batch {b}: {1 - tokens / computed[b]:.0%}" for b in args.batch_sizes)
     notes = (f"{args.clock} clock in process. {len(texts)} {source} texts ({tokens / len(texts):.1f} tokens on "
              f"average; the raw forward's padded positions: {padding}), median of {args.reps} interleaved "
-             f"repetitions, fp32. Threads: raw and lpt on torch {args.threads} torch threads; lpt on ORT "
-             f"{args.threads} ORT intra-op threads and {args.ort_torch_threads} torch thread(s); onnxruntime "
-             f"{onnxruntime.__version__}. ONNX export: {len(ort_build['exported'])} graph(s) exported, load "
-             f"{ort_build['seconds']:.1f} s, layers {'/'.join(sorted(set(ort_build['layer_forms'])))} (cache "
-             f"{ort_build['cache_dir']}).")
+             f"repetitions, {dtype} on {machine.get('accelerator', device)}. Threads: raw and lpt on torch "
+             f"{args.threads} torch threads")
+    if on_ort is not None:
+        notes += (f"; lpt on ORT {args.threads} ORT intra-op threads and {args.ort_torch_threads} torch thread(s); "
+                  f"onnxruntime {onnxruntime.__version__}. ONNX export: {len(ort_build['exported'])} graph(s) "
+                  f"exported, load {ort_build['seconds']:.1f} s, layers "
+                  f"{'/'.join(sorted(set(ort_build['layer_forms'])))} (cache {ort_build['cache_dir']})")
+    notes += "."
     if http is not None:
         notes += (f" HTTP: {args.concurrency} closed-loop clients, one text per request from the same texts, "
                   f"{args.http_duration:.0f} s per measurement, median (lower middle) of {args.http_reps}; the servers "
                   "and the load generator share this machine's cores.")
     cpu = monitor.stop()
-    print(header("Encoder runtimes: lpt engine on torch and ONNX Runtime vs raw transformers", machine, notes, cpu))
+    title = ("Encoder runtimes: lpt engine on torch and ONNX Runtime vs raw transformers" if on_ort is not None
+             else f"lpt engine on torch vs raw transformers, {dtype} on {machine.get('accelerator', device)}")
+    print(header(title, machine, notes, cpu))
     for part in (table, http_table, acceptance_table):
         if part:
             print()
