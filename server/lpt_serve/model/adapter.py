@@ -145,6 +145,16 @@ def parse_config_json(text: str | bytes) -> dict[str, Any]:
     return data
 
 
+def with_task_name(config_bytes: bytes, task: str) -> bytes:
+    """The config with ``task`` as its task name: the URL (or the store command) names the task; an adapter trained
+    under another name is renamed rather than refused."""
+    data = parse_config_json(config_bytes)  # its size is checked before it is parsed
+    if data.get("task") == task:
+        return config_bytes
+    data["task"] = task
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _pydantic_problem(err: dict) -> str:
     where = ".".join(str(p) for p in err.get("loc", ())) or "config"
     return f"{CONFIG_NAME}: {where}: {err.get('msg')}"

@@ -36,7 +36,6 @@ rather than failing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -58,7 +57,7 @@ from lpt_serve.model.adapter import (
     build_adapter,
     expected_shapes,
     load_adapter,
-    parse_config_json,
+    with_task_name,
 )
 from lpt_serve.model.backbone import Backbone
 from lpt_serve.serving.store import AdapterStore, TaskRecord
@@ -364,7 +363,7 @@ class Registry:
     def upload(self, task: str, config_bytes: bytes, weights_bytes: bytes) -> ServedTask:
         """Check against the backbone, commit to the store (atomic), then swap in. Blocking: call off the loop."""
         task = validate_task_name(task)
-        config_bytes = _with_task_name(config_bytes, task)
+        config_bytes = with_task_name(config_bytes, task)
         adapter = self._prepare(build_adapter(config_bytes, weights_bytes, self.backbone))
         with self._mutate:
             record = self.store.commit(task, config_bytes, weights_bytes)
@@ -608,12 +607,3 @@ class _Vanished(TaskNotFound):
 
 def _entry(record: TaskRecord) -> TaskEntry:
     return TaskEntry(record.task, record.current, record.versions, record.path())
-
-
-def _with_task_name(config_bytes: bytes, task: str) -> bytes:
-    """The URL names the task; an adapter trained under another name is renamed rather than refused."""
-    data = parse_config_json(config_bytes)  # its size is checked before it is parsed
-    if data.get("task") == task:
-        return config_bytes
-    data["task"] = task
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -22,8 +22,10 @@ ENVIRONMENT_HELP = f"""environment variables (a flag wins over its variable):
   LPT_URL          the server of classify, tasks, upload, rollback and delete
                    (default {DEFAULT_URL})
   LPT_ADMIN_TOKEN  the server's admin token, for upload, rollback and delete
-  LPT_BACKBONE     the model folder of train and eval
+  LPT_BACKBONE     the model folder of train, eval and store commit
                    (default: the all-MiniLM-L6-v2 package)
+  LPT_STORE        the adapter store of the store commands
+                   (default ~/.local/share/lpt-serve/store, as lpt-serve's)
   LPT_DATA_DIR     the cache of the datasets mr, bbc and tweets
                    (default ~/.cache/lpt-serve/data)"""
 
@@ -276,6 +278,61 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(args: argparse.Namespace):
+    """The store the servers share, which must exist: a mistyped path is a sentence, not a new empty store."""
+    from lpt_serve.paths import default_store_dir
+    from lpt_serve.serving.store import AdapterStore
+
+    root = Path(args.store) if args.store else default_store_dir()
+    if not root.is_dir():
+        raise CliError(f"no adapter store at {root}: pass the directory lpt-serve serves (--store or LPT_STORE); "
+                       "a server creates it on its first start")
+    # A read-only store opens (list works); a change then fails with StoreUnwritable, which says what to fix.
+    return AdapterStore(root, keep_versions=getattr(args, "keep_versions", 0) or None)
+
+
+def cmd_store_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    tasks = store.tasks()
+    print(json.dumps({"store": str(store.root), "generation": store.generation(),
+                      "tasks": {t: {"version": r.current, "versions": list(r.versions)} for t, r in tasks.items()}},
+                     indent=2))
+    return 0
+
+
+def cmd_store_commit(args: argparse.Namespace) -> int:
+    from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME
+    from lpt_serve.model.adapter import build_adapter, with_task_name
+    from lpt_serve.model.backbone import Backbone
+
+    task = _check_task_name(args.task)
+    folder = _check_adapter_dir(args.adapter_dir)
+    store = _open_store(args)
+    config = with_task_name((folder / CONFIG_NAME).read_bytes(), task)
+    weights = (folder / WEIGHTS_NAME).read_bytes()
+    # The server's own checks before anything is stored: every replica must be able to load what lands here.
+    build_adapter(config, weights, Backbone.load(args.backbone, device="cpu", dtype="float32", runtime="torch"))
+    record = store.commit(task, config, weights)
+    print(json.dumps({"task": task, "version": record.current, "generation": store.generation()}))
+    return 0
+
+
+def cmd_store_rollback(args: argparse.Namespace) -> int:
+    task = _check_task_name(args.task)
+    store = _open_store(args)
+    record = store.rollback(task)
+    print(json.dumps({"task": task, "version": record.current, "generation": store.generation()}))
+    return 0
+
+
+def cmd_store_delete(args: argparse.Namespace) -> int:
+    task = _check_task_name(args.task)
+    store = _open_store(args)
+    store.retire(task)
+    print(json.dumps({"task": task, "deleted": True, "generation": store.generation()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpt",
@@ -414,6 +471,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = server_command("delete", "stop serving a task and remove all its versions from the store", cmd_delete)
     p.add_argument("task", help="the task to delete")
     server_args(p, admin=True)
+
+    store_help = ("change an adapter store directly, without a server: every lpt-serve replica on that store "
+                  "serves the change within its --sync-interval-s")
+    p = sub.add_parser("store", help=store_help, formatter_class=HelpFormatter,
+                       description=store_help[0].upper() + store_help[1:] + ". For pipelines that publish adapters "
+                                   "to a shared volume, and for a store whose servers are down. Changes take the "
+                                   "store's lock, as a server's do.")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+
+    def store_command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        q = store_sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                                 formatter_class=HelpFormatter)
+        q.add_argument("--store", default=os.environ.get("LPT_STORE") or None,
+                       help="the store directory (default: LPT_STORE if set, else lpt-serve's default store)")
+        q.set_defaults(func=func)
+        return q
+
+    store_command("list", "the store's tasks, their current version and versions kept, and its generation",
+                  cmd_store_list)
+    q = store_command("commit", "check an adapter directory against the backbone, as a server checks an upload, "
+                                "and store it as the new current version of a task", cmd_store_commit)
+    q.add_argument("task", help="task name: a new task, or the next version of a stored one")
+    q.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
+    q.add_argument("--backbone", default=os.environ.get("LPT_BACKBONE") or None,
+                   help="the servers' model folder, to check the adapter against (default: LPT_BACKBONE if set, "
+                        "else the all-MiniLM-L6-v2 package)")
+    q.add_argument("--keep-versions", type=int, default=5,
+                   help="stored versions kept per task after the commit, the new one included (0 keeps all), as "
+                        "lpt-serve's --keep-versions")
+    q = store_command("rollback", "make the previous version of a task current again", cmd_store_rollback)
+    q.add_argument("task", help="a stored task with more than one version")
+    q = store_command("delete", "remove a task and all its versions from the store", cmd_store_delete)
+    q.add_argument("task", help="the task to delete")
     return parser
 
 
@@ -432,6 +522,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "store_command", None):
+        args.command = f"store {args.store_command}"  # errors name the whole command: "lpt store commit: ..."
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import httpx
