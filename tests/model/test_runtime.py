@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,14 @@ from transformers import AutoModel
 
 from lpt_serve.errors import BackboneError
 from lpt_serve.model.backbone import Backbone
-from lpt_serve.model.runtime import EMBEDDINGS_FILE, MANIFEST_FILE, UnpaddedLayerGraph, layer_file, unpadded_misfit
+from lpt_serve.model.runtime import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
+    SUPERSEDED_AFTER_S,
+    UnpaddedLayerGraph,
+    layer_file,
+    unpadded_misfit,
+)
 from tests.tiny import make_tiny_bert
 
 TEXTS = [
@@ -230,6 +240,36 @@ def test_different_weights_with_the_same_fingerprint_never_share_graphs(tmp_path
             ours = ort_backbone(batch["input_ids"], batch["attention_mask"])
             theirs = reference(batch["input_ids"], batch["attention_mask"])
             torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def test_an_export_removes_the_same_weights_exported_by_other_versions_a_day_old(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    folder = load_ort(tiny_folder, cache).runtime.cache_dir
+    key = json.loads((folder / MANIFEST_FILE).read_text())["key"]
+    day_old = time.time() - SUPERSEDED_AFTER_S - 60
+
+    def entry(name: str, entry_key: dict, mtime: float) -> Path:
+        path = cache / name
+        path.mkdir()
+        (path / layer_file(0)).write_bytes(b"x" * 1000)
+        (path / MANIFEST_FILE).write_text(json.dumps({"key": entry_key, "files": {}}))
+        os.utime(path / MANIFEST_FILE, (mtime, mtime))
+        return path
+
+    superseded = entry("tiny-old-ort", {**key, "onnxruntime": "1.0.0"}, day_old)
+    recent = entry("tiny-new-torch", {**key, "torch": "9.9.9"}, time.time())  # a rolling upgrade's other half
+    other_weights = entry("tiny-other", {**key, "weights_sha256": "0" * 64}, day_old)
+    foreign = cache / "not-ours"
+    foreign.mkdir()
+    # A start from the cache removes nothing (it writes nothing: a read-only cache works)...
+    assert load_ort(tiny_folder, cache).runtime.exported == ()
+    assert superseded.exists()
+    # ...an export does.
+    shutil.rmtree(folder)
+    assert load_ort(tiny_folder, cache).runtime.exported
+    assert not superseded.exists()
+    assert recent.exists() and other_weights.exists() and foreign.exists() and folder.exists()
+    assert not [p for p in cache.iterdir() if p.name.endswith(".removing")]
 
 
 # ---------------------------------------------------------------------------------------------- choosing

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -61,6 +62,9 @@ GRAPH_FORM = "unpadded-v1"
 OPSET = 17
 EMBEDDINGS_FILE = "embeddings.onnx"
 MANIFEST_FILE = "manifest.json"
+# A cache entry of the same weights exported by another version (ours, torch's, ORT's...) untouched this long is
+# removed after a new export: each upgrade would otherwise leave a whole copy of the encoder behind.
+SUPERSEDED_AFTER_S = 24 * 3600
 # ORT vs torch on the probe batch; measured differences are ~5e-6 on MiniLM, a wrong graph is off by 1e-2 or more.
 PROBE_TOLERANCE = 1e-4
 
@@ -341,6 +345,45 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def prune_superseded(root: Path, key: dict[str, Any], *, keep: Path,
+                     older_than_s: float = SUPERSEDED_AFTER_S) -> list[Path]:
+    """Remove the entries under `root` that hold the same weights (fingerprint and hash) as `key` under another key
+    (an older export format, torch, ORT...) and were last written more than `older_than_s` ago; answer them.
+
+    The age guard keeps a rolling upgrade from making two versions delete each other's exports at every start.
+    An entry is renamed away before it is removed, so no reader sees it half gone; anything unreadable is left.
+    """
+    removed: list[Path] = []
+    try:
+        entries = [e for e in root.iterdir() if e.is_dir() and e != keep and not e.name.startswith(".")]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        manifest_path = entry / MANIFEST_FILE
+        try:
+            other = json.loads(manifest_path.read_text(encoding="utf-8")).get("key")
+            age_s = now - manifest_path.stat().st_mtime
+        except (OSError, ValueError, AttributeError):
+            continue  # not an entry of ours, or one being written
+        if (not isinstance(other, dict) or other == key or age_s < older_than_s
+                or other.get("fingerprint") != key["fingerprint"]
+                or other.get("weights_sha256") != key["weights_sha256"]):
+            continue
+        doomed = root / f".{entry.name}.removing"
+        try:
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            entry.rename(doomed)
+            shutil.rmtree(doomed)
+        except OSError as exc:
+            log.warning("could not remove the superseded ONNX export %s: %s", entry, exc)
+            continue
+        log.info("removed the superseded ONNX export %s (%.1f MB; exported for %s)", entry, size / 1e6,
+                 {k: other.get(k) for k in ("export_format", "onnxruntime", "torch", "transformers")})
+        removed.append(entry)
+    return removed
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -446,6 +489,8 @@ class OnnxRuntime:
                                 "the torch runtime") from exc
         finally:
             builder.close()
+        if builder.exported:  # only an export can supersede an entry; a start from the cache changes nothing
+            prune_superseded(root, key, keep=folder)
         log.info("onnxruntime encoder ready", extra={
             "onnx_cache": str(folder), "exported": len(builder.exported), "graphs": len(builder.names),
             "threads": threads, "unpadded_layers": builder.forms.count("unpadded"),
