@@ -176,3 +176,22 @@ def test_serving_placement_keeps_compact_weights_and_narrows_wide_ones(tiny_back
     assert full.to_serving("cpu", torch.bfloat16).storage_dtypes == {torch.bfloat16}  # as a bf16 server did before
     fp16 = load_adapter(compact_adapter(folder, "fp16", tmp_path / "placed-fp16"), bb)
     assert fp16.to_serving("cpu", torch.bfloat16).storage_dtypes == {torch.float16}  # same width: kept, cast when run
+
+
+@pytest.mark.parametrize("dtype", ["bf16", None])
+def test_a_listed_task_not_in_memory_reports_the_bytes_it_takes_once_loaded(tiny_backbone, tmp_path, dtype):
+    from lpt_serve.serving.registry import Registry
+    from lpt_serve.serving.store import AdapterStore
+
+    folder = make_adapter(tiny_backbone, "sized", seed=4).save(tmp_path / "sized")
+    if dtype is not None:
+        folder = compact_adapter(folder, dtype, tmp_path / f"sized-{dtype}")
+    store = AdapterStore(tmp_path / "store")
+    store.commit_dir("sized", folder)
+    registry = Registry(tiny_backbone, store)
+    registry.load_all()
+    entry = registry.entry("sized")
+    assert registry.loaded("sized") is None
+    estimate = registry.estimated_size(registry.config(entry), entry.path / WEIGHTS_NAME)
+    served = registry.get("sized")
+    assert estimate == (served.adapter.num_parameters(), served.nbytes)

@@ -327,6 +327,22 @@ def _refuse_pickles(data: bytes) -> None:
         raise AdapterError(f"{WEIGHTS_NAME} is a pickle/zip checkpoint; only safetensors is accepted")
 
 
+def stored_itemsize(weights: Path) -> int | None:
+    """Bytes per element of the widest tensor in a safetensors file, from its header alone (a few hundred bytes
+    read); None when the file cannot say (a full load names the problem)."""
+    try:
+        with Path(weights).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(size))
+        sizes = [SAFETENSORS_ITEMSIZE.get(entry.get("dtype")) for name, entry in header.items()
+                 if name != "__metadata__" and isinstance(entry, dict)]
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return max(sizes) if sizes and None not in sizes else None
+
+
 def read_header(data: bytes) -> dict[str, TensorSpec]:
     """Every tensor's dtype and shape from the safetensors header (8-byte little-endian length, then JSON),
     without reading or allocating any tensor; AdapterError if the file is not a consistent safetensors file."""

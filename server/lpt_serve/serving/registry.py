@@ -57,6 +57,7 @@ from lpt_serve.model.adapter import (
     build_adapter,
     expected_shapes,
     load_adapter,
+    stored_itemsize,
     with_task_name,
 )
 from lpt_serve.model.backbone import Backbone
@@ -354,10 +355,13 @@ class Registry:
             return loaded.adapter.config
         return AdapterConfig.from_json((entry.path / CONFIG_NAME).read_bytes())
 
-    def estimated_size(self, config: AdapterConfig) -> tuple[int, int]:
-        """(parameters, bytes) the adapter would take in memory, by arithmetic over its config."""
+    def estimated_size(self, config: AdapterConfig, weights: Path | None = None) -> tuple[int, int]:
+        """(parameters, bytes) the adapter would take in memory, by arithmetic over its config and, given its
+        weights file, the dtype stored there: a compact (fp16/bf16) adapter stays as stored (`_prepare`)."""
         numel = sum(math.prod(shape) for shape in expected_shapes(config).values())
-        return numel, numel * torch.empty((), dtype=self.backbone.dtype).element_size()
+        width = torch.empty((), dtype=self.backbone.dtype).element_size()
+        stored = None if weights is None else stored_itemsize(weights)
+        return numel, numel * (width if stored is None else min(width, stored))
 
     # ------------------------------------------------------------------------------------------- mutations
     def upload(self, task: str, config_bytes: bytes, weights_bytes: bytes) -> ServedTask:

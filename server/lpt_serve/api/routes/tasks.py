@@ -21,6 +21,7 @@ from lpt_client.schemas import TaskInfo, TaskList, TaskSummaries, TaskSummary
 from lpt_serve.api.deps import ServiceDep, TaskPath
 from lpt_serve.api.errors import statuses
 from lpt_serve.errors import AdapterError, TaskNotFound, Unavailable
+from lpt_serve.format import WEIGHTS_NAME
 from lpt_serve.serving.registry import Registry, ServedTask, TaskEntry
 
 router = APIRouter(tags=["tasks"])
@@ -41,7 +42,7 @@ def task_info(registry: Registry, served: ServedTask | TaskEntry, *, with_traini
             cfg = registry.config(served)
         except (OSError, AdapterError) as exc:
             raise TaskNotFound(f"task {served.task!r} v{served.version} has no readable config: {exc}") from exc
-        parameters, nbytes = registry.estimated_size(cfg)
+        parameters, nbytes = registry.estimated_size(cfg, served.path / WEIGHTS_NAME)
     reason = registry.quarantine_reason_of(served.task, served.version)
     extra: dict = {}
     if with_training and cfg.training is not None:
