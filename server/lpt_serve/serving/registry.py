@@ -241,11 +241,19 @@ class Registry:
     def _evict_host(self, keep: str) -> None:
         """Under the lock: drop least recently used unpinned tasks while host memory is over budget. Rows already
         queued keep their adapter object; only the registry forgets it."""
-        for task in list(self._host):
-            if self._host_bytes <= self.host_budget_bytes:
+        excess = self._host_bytes - self.host_budget_bytes
+        if excess <= 0:
+            return
+        # Walk from the least recently used end only as far as needed: no copy of the whole map per load.
+        victims = []
+        for task, served in self._host.items():
+            if excess <= 0:
                 break
             if task == keep or task in self.pinned:
                 continue
+            victims.append(task)
+            excess -= served.nbytes
+        for task in victims:
             self._host_drop(task)
             log.debug("task %s left host memory (LRU)", task)
 
