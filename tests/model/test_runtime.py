@@ -3,6 +3,7 @@ weights and survives damage, and it never stands where gradients must flow."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from lpt_serve.model.runtime import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     SUPERSEDED_AFTER_S,
+    USED_FILE,
     UnpaddedLayerGraph,
     layer_file,
     unpadded_misfit,
@@ -258,17 +260,24 @@ def test_an_export_removes_the_same_weights_exported_by_other_versions_a_day_old
 
     superseded = entry("tiny-old-ort", {**key, "onnxruntime": "1.0.0"}, day_old)
     recent = entry("tiny-new-torch", {**key, "torch": "9.9.9"}, time.time())  # a rolling upgrade's other half
+    in_use = entry("tiny-old-torch", {**key, "torch": "1.0.0"}, day_old)
+    (in_use / USED_FILE).touch()  # exported long ago, but a replica started from it an hour ago
+    busy = entry("tiny-busy", {**key, "opset": 1}, day_old)
     other_weights = entry("tiny-other", {**key, "weights_sha256": "0" * 64}, day_old)
     foreign = cache / "not-ours"
     foreign.mkdir()
-    # A start from the cache removes nothing (it writes nothing: a read-only cache works)...
+    leftover = cache / ".tiny-older.1.2.removing"  # a removal cut short
+    leftover.mkdir()
+    # A start from the cache removes nothing...
     assert load_ort(tiny_folder, cache).runtime.exported == ()
     assert superseded.exists()
-    # ...an export does.
+    # ...an export does, but not an entry another process is exporting into.
     shutil.rmtree(folder)
-    assert load_ort(tiny_folder, cache).runtime.exported
-    assert not superseded.exists()
-    assert recent.exists() and other_weights.exists() and foreign.exists() and folder.exists()
+    with (busy / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert load_ort(tiny_folder, cache).runtime.exported
+    assert not superseded.exists() and not leftover.exists()
+    assert all(p.exists() for p in (recent, in_use, busy, other_weights, foreign, folder))
     assert not [p for p in cache.iterdir() if p.name.endswith(".removing")]
 
 

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from lpt_serve.format import CONFIG_NAME
 from lpt_serve.serving.store import AdapterStore
@@ -89,3 +90,38 @@ def test_every_store_command_explains_itself():
         for action in command._actions:
             assert action.help, f"lpt store {name}: {action.option_strings or action.dest} has no help"
         assert "(default: None)" not in command.format_help()
+
+
+def test_a_directory_that_is_no_store_is_refused_and_left_untouched(tmp_path, tiny_folder):
+    folder = tmp_path / "projects"
+    (folder / ".tmp" / "keepme").mkdir(parents=True)
+    (folder / "notes" / "v1").mkdir(parents=True)
+    (folder / "notes" / "v1" / "draft.txt").write_text("mine")
+    for command in (("list",), ("delete", "notes"), ("rollback", "notes")):
+        done = lpt("store", *command, "--store", str(folder), env={"LPT_BACKBONE": str(tiny_folder)})
+        assert_one_sentence(done, "is not an adapter store")
+    assert (folder / ".tmp" / "keepme").is_dir() and (folder / "notes" / "v1" / "draft.txt").read_text() == "mine"
+
+
+def test_a_commit_is_checked_at_the_servers_dtype(store_root, tiny_folder, tiny_backbone, tmp_path):
+    adapter = make_adapter(tiny_backbone, "alpha", seed=5)
+    with torch.no_grad():
+        next(adapter.parameters()).view(-1)[0] = 1e6  # fine in float32, beyond float16's +-65504
+    folder = adapter.save(tmp_path / "big")
+    env = store_env(store_root, tiny_folder)
+    assert_one_sentence(lpt("store", "commit", "alpha", str(folder), "--dtype", "float16", env=env), "float16")
+    assert AdapterStore.read_only(store_root).get("alpha").versions == (1,)
+    assert lpt("store", "commit", "alpha", str(folder), env=env).returncode == 0
+    assert AdapterStore.read_only(store_root).get("alpha").versions == (1, 2)
+
+
+def test_keep_versions_prunes_as_the_servers_do(store_root, tiny_folder, tiny_backbone, tmp_path):
+    folder = make_adapter(tiny_backbone, "alpha", seed=6).save(tmp_path / "next")
+    env = store_env(store_root, tiny_folder)
+    for _ in range(3):
+        assert lpt("store", "commit", "alpha", str(folder), env=env | {"LPT_KEEP_VERSIONS": "2"}).returncode == 0
+    assert AdapterStore.read_only(store_root).get("alpha").versions == (3, 4)
+    assert lpt("store", "commit", "alpha", str(folder), "--keep-versions", "0", env=env).returncode == 0
+    assert AdapterStore.read_only(store_root).get("alpha").versions == (3, 4, 5)
+    refused = lpt("store", "commit", "alpha", str(folder), "--keep-versions", "-1", env=env)
+    assert refused.returncode == 2 and "0 or more" in refused.stderr and "Traceback" not in refused.stderr

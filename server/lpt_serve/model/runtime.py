@@ -62,9 +62,10 @@ GRAPH_FORM = "unpadded-v1"
 OPSET = 17
 EMBEDDINGS_FILE = "embeddings.onnx"
 MANIFEST_FILE = "manifest.json"
-# A cache entry of the same weights exported by another version (ours, torch's, ORT's...) untouched this long is
-# removed after a new export: each upgrade would otherwise leave a whole copy of the encoder behind.
+# A cache entry of the same weights exported by another version (ours, torch's, ORT's...) neither written nor
+# used this long is removed after a new export: each upgrade would otherwise leave a whole copy of the encoder behind.
 SUPERSEDED_AFTER_S = 24 * 3600
+USED_FILE = ".used"  # touched at every start from an entry (when the cache is writable): when it was last used
 # ORT vs torch on the probe batch; measured differences are ~5e-6 on MiniLM, a wrong graph is off by 1e-2 or more.
 PROBE_TOLERANCE = 1e-4
 
@@ -348,32 +349,39 @@ def _file_sha256(path: Path) -> str:
 def prune_superseded(root: Path, key: dict[str, Any], *, keep: Path,
                      older_than_s: float = SUPERSEDED_AFTER_S) -> list[Path]:
     """Remove the entries under `root` that hold the same weights (fingerprint and hash) as `key` under another key
-    (an older export format, torch, ORT...) and were last written more than `older_than_s` ago; answer them.
+    (an older export format, torch, ORT...) and were neither written nor used for `older_than_s`; answer them.
 
-    The age guard keeps a rolling upgrade from making two versions delete each other's exports at every start.
-    An entry is renamed away before it is removed, so no reader sees it half gone; anything unreadable is left.
+    The age guard keeps the two versions of a rolling upgrade from deleting each other's exports at every start; an
+    entry another process is exporting into (its lock held) is left. An entry is renamed away before it is removed,
+    so no reader sees it half gone; leftovers of a removal cut short go at the next prune; anything unreadable stays.
     """
     removed: list[Path] = []
     try:
-        entries = [e for e in root.iterdir() if e.is_dir() and e != keep and not e.name.startswith(".")]
+        children = list(root.iterdir())
     except OSError:
         return removed
+    for leftover in (c for c in children if c.name.endswith(".removing") and c.is_dir() and not c.is_symlink()):
+        shutil.rmtree(leftover, ignore_errors=True)
     now = time.time()
-    for entry in entries:
-        manifest_path = entry / MANIFEST_FILE
+    for entry in children:
+        if entry == keep or entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+            continue
         try:
-            other = json.loads(manifest_path.read_text(encoding="utf-8")).get("key")
-            age_s = now - manifest_path.stat().st_mtime
+            other = json.loads((entry / MANIFEST_FILE).read_text(encoding="utf-8")).get("key")
+            last = max(p.stat().st_mtime for p in (entry / MANIFEST_FILE, entry / USED_FILE) if p.exists())
         except (OSError, ValueError, AttributeError):
             continue  # not an entry of ours, or one being written
-        if (not isinstance(other, dict) or other == key or age_s < older_than_s
+        if (not isinstance(other, dict) or other == key or now - last < older_than_s
                 or other.get("fingerprint") != key["fingerprint"]
                 or other.get("weights_sha256") != key["weights_sha256"]):
             continue
-        doomed = root / f".{entry.name}.removing"
+        doomed = root / f".{entry.name}.{os.getpid()}.{time.monotonic_ns()}.removing"
         try:
             size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-            entry.rename(doomed)
+            with _entry_lock(entry, wait=False) as free:
+                if not free:
+                    continue  # being exported into right now
+                entry.rename(doomed)
             shutil.rmtree(doomed)
         except OSError as exc:
             log.warning("could not remove the superseded ONNX export %s: %s", entry, exc)
@@ -413,17 +421,22 @@ def _is_intact(folder: Path, name: str, manifest: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _entry_lock(folder: Path) -> Iterator[None]:
-    """One exporter per cache entry at a time, across processes (several server workers starting together)."""
+def _entry_lock(folder: Path, *, wait: bool = True) -> Iterator[bool]:
+    """One exporter per cache entry at a time, across processes (several server workers starting together). With
+    `wait=False`, yields False at once instead of waiting when another process holds it."""
     try:
         import fcntl
     except ImportError:  # not POSIX: files are still written atomically, two exporters just duplicate work
-        yield
+        yield True
         return
     with (folder / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -489,7 +502,9 @@ class OnnxRuntime:
                                 "the torch runtime") from exc
         finally:
             builder.close()
-        if builder.exported:  # only an export can supersede an entry; a start from the cache changes nothing
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            (folder / USED_FILE).touch()
+        if builder.exported:  # only an export can supersede an entry; a start from the cache removes nothing
             prune_superseded(root, key, keep=folder)
         log.info("onnxruntime encoder ready", extra={
             "onnx_cache": str(folder), "exported": len(builder.exported), "graphs": len(builder.names),

@@ -451,8 +451,8 @@ class Registry:
         # at once rather than after the next watch tick. The change itself is done: a failure here only logs.
         try:
             self._catch_up()
-        except (OSError, StoreError) as exc:
-            log.warning("could not catch up with the store after a change (the next sync will): %s", exc)
+        except Exception:  # noqa: BLE001 - the change is committed and served here; never report it as failed
+            log.exception("could not catch up with the store after a change (the next sync will)")
 
     def _catch_up(self, *, full: bool = False) -> tuple[int, list[str]]:
         """Under `_mutate`: reconcile what changed since our generation, then record the store's generation."""

@@ -278,21 +278,42 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(args: argparse.Namespace):
-    """The store the servers share, which must exist: a mistyped path is a sentence, not a new empty store."""
+def _open_store(args: argparse.Namespace, *, change: bool = True):
+    """The store the servers share, which must exist and look like a store: opening a store for a change recovers
+    it (removes staging leftovers), so a mistyped path is a sentence, never a new store or a cleaned-up folder."""
     from lpt_serve.paths import default_store_dir
-    from lpt_serve.serving.store import AdapterStore
+    from lpt_serve.serving.store import GENERATION_NAME, LOCK_NAME, SEEDED_NAME, AdapterStore
 
     root = Path(args.store) if args.store else default_store_dir()
+    hint = "pass the directory lpt-serve serves (--store or LPT_STORE); a server creates it on its first start"
     if not root.is_dir():
-        raise CliError(f"no adapter store at {root}: pass the directory lpt-serve serves (--store or LPT_STORE); "
-                       "a server creates it on its first start")
-    # A read-only store opens (list works); a change then fails with StoreUnwritable, which says what to fix.
-    return AdapterStore(root, keep_versions=getattr(args, "keep_versions", 0) or None)
+        raise CliError(f"no adapter store at {root}: {hint}")
+    if not any((root / marker).exists() for marker in (LOCK_NAME, GENERATION_NAME, SEEDED_NAME)):
+        raise CliError(f"{root} is not an adapter store (it has no {LOCK_NAME} or {GENERATION_NAME} file): {hint}")
+    if not change:
+        return AdapterStore.read_only(root)
+    keep = getattr(args, "keep_versions", None)
+    if keep is None and args.store_command == "commit":
+        try:
+            keep = _non_negative(os.environ.get("LPT_KEEP_VERSIONS", "5"))
+        except argparse.ArgumentTypeError as exc:
+            raise CliError(f"LPT_KEEP_VERSIONS: {exc}") from None
+    # A read-only store opens; the change then fails with StoreUnwritable, which says what to fix.
+    return AdapterStore(root, keep_versions=keep or None)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of versions, 0 or more, not {text!r}")
+    return value
 
 
 def cmd_store_list(args: argparse.Namespace) -> int:
-    store = _open_store(args)
+    store = _open_store(args, change=False)
     tasks = store.tasks()
     print(json.dumps({"store": str(store.root), "generation": store.generation(),
                       "tasks": {t: {"version": r.current, "versions": list(r.versions)} for t, r in tasks.items()}},
@@ -308,10 +329,14 @@ def cmd_store_commit(args: argparse.Namespace) -> int:
     task = _check_task_name(args.task)
     folder = _check_adapter_dir(args.adapter_dir)
     store = _open_store(args)
-    config = with_task_name((folder / CONFIG_NAME).read_bytes(), task)
-    weights = (folder / WEIGHTS_NAME).read_bytes()
-    # The server's own checks before anything is stored: every replica must be able to load what lands here.
-    build_adapter(config, weights, Backbone.load(args.backbone, device="cpu", dtype="float32", runtime="torch"))
+    try:
+        config = with_task_name((folder / CONFIG_NAME).read_bytes(), task)
+        weights = (folder / WEIGHTS_NAME).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the adapter in {folder}: {exc.strerror or exc}") from exc
+    # The server's own checks before anything is stored, at the servers' dtype (values must fit its range): every
+    # replica must be able to load what lands here.
+    build_adapter(config, weights, Backbone.load(args.backbone, device="cpu", dtype=args.dtype, runtime="torch"))
     record = store.commit(task, config, weights)
     print(json.dumps({"task": task, "version": record.current, "generation": store.generation()}))
     return 0
@@ -497,9 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", default=os.environ.get("LPT_BACKBONE") or None,
                    help="the servers' model folder, to check the adapter against (default: LPT_BACKBONE if set, "
                         "else the all-MiniLM-L6-v2 package)")
-    q.add_argument("--keep-versions", type=int, default=5,
-                   help="stored versions kept per task after the commit, the new one included (0 keeps all), as "
-                        "lpt-serve's --keep-versions")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the servers' dtype: the adapter's values are checked against its range (float16 refuses "
+                        "values beyond +-65504, as a float16 server would)")
+    q.add_argument("--keep-versions", type=_non_negative, default=None,
+                   help="stored versions kept per task after the commit, the new one included, 0 keeps all "
+                        "(default: LPT_KEEP_VERSIONS if set, as for lpt-serve, else 5)")
     q = store_command("rollback", "make the previous version of a task current again", cmd_store_rollback)
     q.add_argument("task", help="a stored task with more than one version")
     q = store_command("delete", "remove a task and all its versions from the store", cmd_store_delete)
