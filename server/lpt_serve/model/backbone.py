@@ -140,6 +140,11 @@ class _TorchThreadCount:
 _TORCH_THREADS = _TorchThreadCount()
 
 
+def cpu_threads() -> int:
+    """torch's thread count as it was before any backbone turned it down for ONNX Runtime: the cores to share."""
+    return _TORCH_THREADS.full()
+
+
 class Backbone(nn.Module):
     """A frozen BERT/RoBERTa-family encoder with a split forward.
 

@@ -3,8 +3,9 @@
 A batch starts with the oldest waiting row and fills until `max_batch_size` rows, `max_batch_tokens` padded
 tokens, or `max_wait_ms` after that row arrived. Rows closest in length to the oldest one join first, which
 limits padding while the oldest row is always served next (no starvation). Rows whose client has gone or
-whose deadline passed are dropped before the pass. One inference thread runs the passes; while it works,
-the next batch gathers. On shutdown the queue drains before the loop ends.
+whose deadline passed are dropped before the pass. `workers` inference threads run the passes (one by default);
+a batch is taken only when a thread is free, so while all of them work, the next batch gathers. On shutdown the
+queue drains and the passes in flight finish before the loop ends.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class BatchRecord:
 class Batcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int = 64, max_batch_tokens: int = 16384,
                  max_wait_ms: float = 5.0, max_queue: int = 2048, metrics: Metrics | None = None,
-                 history: int = 256) -> None:
+                 history: int = 256, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -70,7 +73,10 @@ class Batcher:
         self.history: deque[BatchRecord] = deque(maxlen=history)
         self._queue: list[Row] = []
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpt-infer")
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lpt-infer")
+        self._free = asyncio.Semaphore(workers)  # inference threads without a pass
+        self._in_flight: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._rows_per_second = 0.0
@@ -87,6 +93,8 @@ class Batcher:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout)
+                if self._in_flight:
+                    await asyncio.wait(self._in_flight, timeout=timeout)
             except TimeoutError:
                 log.warning("batcher did not drain within %.0fs; cancelling %d rows", timeout, len(self._queue))
                 self._task.cancel()
@@ -178,6 +186,11 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
+            # A batch is taken only when an inference thread is free: until then, rows keep gathering.
+            await self._free.acquire()
+            if not self._queue:
+                self._free.release()
+                continue
             fill_until = self._queue[0].enqueued + self.max_wait
             while not self._full() and not self._stopping:
                 remaining = fill_until - time.monotonic()
@@ -190,7 +203,18 @@ class Batcher:
                     break
             batch = self._live(self._take())
             if not batch:
+                self._free.release()
                 continue
+            if self.workers == 1:
+                await self._pass(loop, batch)  # the common case, in line: no task per pass
+            else:
+                task = loop.create_task(self._pass(loop, batch), name="lpt-pass")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def _pass(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
+        """Run one batch on an inference thread and answer its rows; frees the thread's slot when done."""
+        try:
             started = time.monotonic()
             adapters = [r.adapter for r in batch]
             encoded = [r.encoded for r in batch]
@@ -201,7 +225,7 @@ class Batcher:
                 for row in batch:
                     if not row.future.done():
                         row.future.set_exception(exc)
-                continue
+                return
             elapsed = time.monotonic() - started
             self._record(batch, elapsed, started, cpu_s)
             for row, p in zip(batch, probs, strict=True):
@@ -211,6 +235,8 @@ class Batcher:
                     row.future.set_exception(p)
                 else:
                     row.future.set_result(p)
+        finally:
+            self._free.release()
 
     def _run_timed(self, adapters: Sequence[TaskAdapter],
                    encoded: Sequence[Encoded]) -> tuple[list[list[float] | BaseException], float]:

@@ -18,7 +18,7 @@ import torch
 
 from lpt_serve.errors import DeadlineExceeded, InputTooLarge, InvalidInput, TaskQuarantined, Unavailable
 from lpt_serve.model.adapter import TaskAdapter
-from lpt_serve.model.backbone import Backbone
+from lpt_serve.model.backbone import Backbone, cpu_threads, resolve_device, resolve_dtype
 from lpt_serve.model.engine import Encoded, encode_texts
 from lpt_serve.serving.batcher import Batcher
 from lpt_serve.serving.isolation import answer_rows
@@ -46,6 +46,8 @@ class ServiceConfig:
     runtime: str = "torch"
     onnx_cache_dir: Path | None = None
     runtime_threads: int | None = None
+    # Passes run at once, each on a share of the cores; None picks (see `plan_inference`).
+    inference_workers: int | None = None
     max_batch_size: int = 64
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
@@ -96,9 +98,37 @@ def _starting() -> Unavailable:
     return Unavailable("the server is starting; retry shortly", retry_after=1)
 
 
+def plan_inference(config: ServiceConfig) -> tuple[int, int | None]:
+    """(inference workers, ONNX Runtime intra-op threads per pass) before the backbone loads.
+
+    On the CPU with ONNX Runtime (fp32), two passes at once, each on half the cores, beat one pass on all of them:
+    separate batches keep both cores busy, where one pass's small ops leave ORT's second thread waiting (2 cores,
+    16 tasks, batch 32: 1.66x the raw transformers forward against 1.23x). Anything else runs one pass at a time
+    on all the cores (torch's OpenMP threads and a GPU's queue are shared by every pass of the process).
+    """
+    cores = cpu_threads()
+    workers = config.inference_workers
+    if workers is None:
+        device = resolve_device(config.device)
+        fp32_cpu = device.type == "cpu" and resolve_dtype(config.dtype, device) == torch.float32
+        workers = 2 if fp32_cpu and config.runtime in ("auto", "onnxruntime") and cores >= 2 else 1
+    threads = config.runtime_threads or (max(1, cores // workers) if workers > 1 else None)
+    return workers, threads
+
+
 def load_backbone(config: ServiceConfig) -> Backbone:
+    _, threads = plan_inference(config)
     return Backbone.load(config.backbone, device=config.device, dtype=config.dtype, runtime=config.runtime,
-                         onnx_cache_dir=config.onnx_cache_dir, runtime_threads=config.runtime_threads)
+                         onnx_cache_dir=config.onnx_cache_dir, runtime_threads=threads)
+
+
+def inference_workers(config: ServiceConfig, backbone: Backbone) -> int:
+    """The workers `plan_inference` chose, now that the runtime is known: an `auto` that fell back to torch runs
+    one pass at a time (two torch passes would share one OpenMP pool's cores)."""
+    workers, _ = plan_inference(config)
+    if config.inference_workers is None and backbone.runtime.name != "onnxruntime":
+        return 1
+    return workers
 
 
 class Service:
@@ -126,8 +156,11 @@ class Service:
         await asyncio.to_thread(self.registry.load_all)
         self.metrics.tasks_served.set(len(self.registry.names()))
         self.metrics.store_generation.set(self.registry.generation)
+        workers = inference_workers(c, self.backbone)
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
-                               max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics)
+                               max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics,
+                               workers=workers)
+        log.info("inference: %d pass(es) at a time on %s", workers, self.backbone.runtime.name)
         self.batcher.start()
         if c.warmup:
             await self._warmup()
