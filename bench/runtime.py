@@ -83,6 +83,7 @@ from bench.common import (
 
 NAME = "runtime"
 RAW = "raw transformers"
+RAW_PAR = "raw transformers, passes at once"
 LPT_TORCH = "lpt engine, torch"
 LPT_ORT = "lpt engine, onnxruntime"
 LPT_ORT_SPIN = "lpt engine, onnxruntime (spinning)"
@@ -117,10 +118,11 @@ def load_texts(count: int, seed: int) -> tuple[list[str], str]:
 
 # ------------------------------------------------------------------------------------------------ engines
 class Engine:
-    """A backbone and the torch thread count it runs with (torch's count is process-wide: set before each run)."""
+    """A backbone, the torch thread count it runs with (torch's count is process-wide: set before each run), and
+    how many passes it runs at once (the server's inference workers)."""
 
-    def __init__(self, name: str, backbone: Any, torch_threads: int) -> None:
-        self.name, self.backbone, self.torch_threads = name, backbone, torch_threads
+    def __init__(self, name: str, backbone: Any, torch_threads: int, workers: int = 1) -> None:
+        self.name, self.backbone, self.torch_threads, self.workers = name, backbone, torch_threads, workers
 
     def prepare(self) -> None:
         import torch
@@ -132,18 +134,40 @@ def batches(count: int, size: int) -> list[range]:
     return [range(i, min(i + size, count)) for i in range(0, count, size)]
 
 
-def raw_pass(model, padded: Sequence[tuple[Any, Any]]) -> None:
+def raw_pass(model, padded: Sequence[tuple[Any, Any]], workers: int = 1) -> None:
     import torch
 
-    with torch.inference_mode():
-        for ids, mask in padded:
-            model(input_ids=ids, attention_mask=mask)
+    def run(part: Sequence[tuple[Any, Any]]) -> None:
+        with torch.inference_mode():
+            for ids, mask in part:
+                model(input_ids=ids, attention_mask=mask)
+
+    on_threads(run, padded, workers)
 
 
-def engine_pass(backbone, adapters: Sequence, encoded: Sequence, chunks: Sequence[range]) -> list:
+def on_threads(run: Callable[[Sequence], Any], items: Sequence, workers: int) -> list:
+    """`run` over `items` split round-robin between `workers` threads, as the server's inference workers take
+    batches in turn; the results in the items' order (`run` returns one per item, or None)."""
+    if workers == 1:
+        return [run(items)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, [items[i::workers] for i in range(workers)]))
+
+
+def engine_pass(backbone, adapters: Sequence, encoded: Sequence, chunks: Sequence[range], workers: int = 1) -> list:
     from lpt_serve.model.engine import classify_rows
 
-    return [classify_rows(backbone, [adapters[i] for i in chunk], [encoded[i] for i in chunk]) for chunk in chunks]
+    def run(part: Sequence[range]) -> list:
+        return [classify_rows(backbone, [adapters[i] for i in chunk], [encoded[i] for i in chunk]) for chunk in part]
+
+    parts = on_threads(run, chunks, workers)
+    # Back to the chunks' order: part w holds chunks w, w + workers, ...
+    ordered: list = [None] * len(chunks)
+    for w, part in enumerate(parts):
+        ordered[w::workers] = part
+    return ordered
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -220,6 +244,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (the table gives medians)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (raw, lpt on torch, the servers), and ONNX Runtime intra-op threads")
+    p.add_argument("--ort-workers", type=int, default=None,
+                   help="passes the ORT engine runs at once, each on --threads / workers ORT threads (default: what "
+                        "lpt-serve plans: 2 on 2 or more threads); the raw forward is also run that way, apart")
     p.add_argument("--ort-torch-threads", type=int, default=1,
                    help="torch threads beside ONNX Runtime (the backbone's torch_threads_with_onnxruntime)")
     p.add_argument("--ort-spinning", choices=("on", "off", "both"), default="off",
@@ -269,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     machine["onnxruntime"] = onnxruntime.__version__
     device, dtype = args.device, args.dtype
+    ort_workers = args.ort_workers or (2 if args.threads >= 2 else 1)
     if device.startswith("cuda"):
         machine["accelerator"] = torch.cuda.get_device_name(device)
     on_torch = Backbone.load(device=device, dtype=dtype, runtime="torch")
@@ -277,12 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not on_accelerator(args):
         t0 = time.perf_counter()
         on_ort = Backbone.load(device="cpu", dtype="float32", runtime="onnxruntime", onnx_cache_dir=args.onnx_cache,
-                               runtime_threads=args.threads, torch_threads_with_onnxruntime=args.ort_torch_threads)
+                               runtime_threads=max(1, args.threads // ort_workers),
+                               torch_threads_with_onnxruntime=args.ort_torch_threads)
         ort_build = {"seconds": round(time.perf_counter() - t0, 2), "exported": list(on_ort.runtime.exported),
                      "cache_dir": str(on_ort.runtime.cache_dir), "threads": on_ort.runtime.threads,
                      "layer_forms": list(on_ort.runtime.forms)}
     if on_ort is not None and args.ort_spinning in ("off", "both"):
-        engines.append(Engine(LPT_ORT, on_ort, args.ort_torch_threads))
+        engines.append(Engine(LPT_ORT, on_ort, args.ort_torch_threads, ort_workers))
     if on_ort is not None and args.ort_spinning in ("on", "both"):
         spinning = Backbone.load(device="cpu", dtype="float32", runtime="torch")
         spinning.use_runtime("onnxruntime", cache_dir=args.onnx_cache, threads=args.threads, spinning=True,
@@ -292,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           attn_implementation="sdpa", dtype=getattr(torch, dtype),
                                           local_files_only=True).eval().to(device)
     raw = Engine(RAW, raw_model, args.threads)
+    # The raw forward the way the ORT engine runs: passes at once, the threads split between them.
+    raw_par = Engine(RAW_PAR, raw_model, max(1, args.threads // ort_workers), ort_workers)
 
     texts, source = load_texts(args.texts, args.seed)
     encoded = encode_texts(on_torch, texts)
@@ -316,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def run_engine(engine: Engine, n: int, chunk_list: Sequence[range]) -> list:
             adapters = [served[engine.name][task] for task in assignment[n]]
-            return engine_pass(engine.backbone, adapters, encoded, chunk_list)
+            return engine_pass(engine.backbone, adapters, encoded, chunk_list, engine.workers)
 
         # Agreement, and warm-up: first-touch allocations and ORT's first runs stay out of the timing.
         agreement: dict[str, dict[str, float]] = {}
@@ -341,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raw.prepare()
                 samples.setdefault(f"b{b}|{RAW}", []).append(
                     timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock, device))
+                if on_ort is not None and ort_workers > 1:
+                    raw_par.prepare()
+                    samples.setdefault(f"b{b}|{RAW_PAR}", []).append(
+                        timed(lambda b=b: raw_pass(raw_model, padded[b], ort_workers), len(texts), args.clock,
+                              device))
                 for n in args.tasks:
                     for engine in order:
                         engine.prepare()
@@ -362,6 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[f"b{b}"] = {"raw": {"rows_per_s": raw_rate, "cpu_ms_per_row": median(f"b{b}|{RAW}", 1),
                                     "samples": samples[f"b{b}|{RAW}"]}}
         rows.append([RAW, "-", b, fmt(raw_rate, 1), "1.00", "", fmt(median(f"b{b}|{RAW}", 1), 1), ""])
+        if f"b{b}|{RAW_PAR}" in samples:
+            par_rate = median(f"b{b}|{RAW_PAR}")
+            results[f"b{b}"]["raw_passes_at_once"] = {"rows_per_s": par_rate, "workers": ort_workers,
+                                                      "vs_raw": ratio(par_rate, raw_rate),
+                                                      "samples": samples[f"b{b}|{RAW_PAR}"]}
+            rows.append([f"{RAW_PAR} ({ort_workers})", "-", b, fmt(par_rate, 1), fmt(ratio(par_rate, raw_rate), 2),
+                         "", fmt(median(f"b{b}|{RAW_PAR}", 1), 1), ""])
         for n in args.tasks:
             torch_rate = median(f"b{b}|t{n}|{LPT_TORCH}")
             entry = {}
@@ -425,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"repetitions, {dtype} on {machine.get('accelerator', device)}. Threads: raw and lpt on torch "
              f"{args.threads} torch threads")
     if on_ort is not None:
-        notes += (f"; lpt on ORT {args.threads} ORT intra-op threads and {args.ort_torch_threads} torch thread(s); "
+        notes += (f"; lpt on ORT {ort_workers} pass(es) at once, each on {max(1, args.threads // ort_workers)} ORT "
+                  f"intra-op thread(s) and {args.ort_torch_threads} torch thread(s), as lpt-serve runs it; "
                   f"onnxruntime {onnxruntime.__version__}. ONNX export: {len(ort_build['exported'])} graph(s) "
                   f"exported, load {ort_build['seconds']:.1f} s, layers "
                   f"{'/'.join(sorted(set(ort_build['layer_forms'])))} (cache {ort_build['cache_dir']})")
