@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -103,3 +104,28 @@ def test_onnxruntime_on_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypat
     assert plan_inference(ServiceConfig(**base, runtime="auto", runtime_threads=3)) == (2, 3)
     monkeypatch.setattr(service_module, "cpu_threads", lambda: 1)
     assert plan_inference(ServiceConfig(**base, runtime="auto")) == (1, None)
+
+
+async def test_a_free_worker_lets_rows_gather_while_another_pass_runs():
+    """Staggered passes: rows arriving one by one during a pass share the next pass instead of each taking one."""
+    sizes: list[int] = []
+
+    def slow(adapters, encoded):
+        sizes.append(len(encoded))
+        time.sleep(0.4)
+        return [[1.0, 0.0] for _ in encoded]
+
+    batcher = Batcher(slow, max_batch_size=8, max_wait_ms=0, workers=2)
+    batcher.start()
+    try:
+        [warm] = batcher.submit(*rows("t", 1), timeout_s=30)  # one pass, so that the batcher knows a pass's time
+        await warm.future
+        first = batcher.submit(*rows("t", 1), timeout_s=30)
+        later = []
+        for _ in range(3):  # 20, 40, 60 ms into the first pass: well before half of it (200 ms)
+            await asyncio.sleep(0.02)
+            later += batcher.submit(*rows("t", 1), timeout_s=30)
+        await asyncio.gather(*(r.future for r in first + later))
+    finally:
+        await batcher.stop()
+    assert sizes == [1, 1, 3], sizes
