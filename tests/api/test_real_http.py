@@ -69,7 +69,7 @@ def test_lpt_cli_talks_to_the_server(server, tiny_backbone, tmp_path):
 
     def lpt(*args):
         return subprocess.run(
-            [sys.executable, "-m", "lpt_serve.training.cli", *args], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "lpt_serve.cli", *args], env=env, capture_output=True, text=True, timeout=60
         )
 
     done = lpt("classify", "alpha", "good film", "bad")

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
+from lpt_serve.cli import main as lpt
 from lpt_serve.errors import AdapterError
 from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME
 from lpt_serve.model import engine
@@ -24,7 +25,6 @@ from lpt_serve.model.adapter import (
     read_header,
 )
 from lpt_serve.model.engine import classify_rows, encode_texts
-from lpt_serve.training.cli import main as lpt
 from tests.helpers import adapter_files, make_adapter
 
 TEXTS = ["a good film", "it was not very good and it is bad", "terrible", "42 !"]

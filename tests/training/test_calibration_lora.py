@@ -172,7 +172,7 @@ def test_cli_lora_train_then_eval(tiny_folder, tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", DEV)
     out = tmp_path / "lora"
     done = subprocess.run(
-        [sys.executable, "-m", "lpt_serve.training.cli", "train", "--method", "lora", "--lora-r", "4", "--data",
+        [sys.executable, "-m", "lpt_serve.cli", "train", "--method", "lora", "--lora-r", "4", "--data",
          str(data), "--task", "synth", "--out", str(out), "--epochs", "3", "--lr", "1e-2", "--backbone",
          str(tiny_folder), "--no-progress", "--test", str(test)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -181,7 +181,7 @@ def test_cli_lora_train_then_eval(tiny_folder, tmp_path):
     assert (out / LORA_WEIGHTS_NAME).is_file() and (out / LORA_CONFIG_NAME).is_file()
     assert not (out / "adapter_config.json").exists()  # not an LPT adapter: `lpt upload` has nothing to take
     evaluated = subprocess.run(
-        [sys.executable, "-m", "lpt_serve.training.cli", "eval", "--adapter", str(out), "--data", str(test),
+        [sys.executable, "-m", "lpt_serve.cli", "eval", "--adapter", str(out), "--data", str(test),
          "--backbone", str(tiny_folder)], capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["accuracy"] == summary["test"]["accuracy"]

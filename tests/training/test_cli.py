@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lpt_serve.training.cli import build_parser
+from lpt_serve.cli import build_parser
 from tests.helpers import ADMIN_TOKEN, free_port, make_adapter
 
 ROWS = [("a fine film", "pos"), ("a dull film", "neg"), ("great acting", "pos"), ("boring plot", "neg")]
@@ -29,7 +29,7 @@ def run(module: str, *args: str, env: dict[str, str] | None = None) -> subproces
 
 
 def lpt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run("lpt_serve.training.cli", *args, env=env)
+    return run("lpt_serve.cli", *args, env=env)
 
 
 def assert_one_sentence(done: subprocess.CompletedProcess, *needles: str) -> str:

@@ -137,7 +137,7 @@ def test_prompt_layer_out_of_range(tiny_backbone):
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def run_lpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lpt_serve.training.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lpt_serve.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 
