@@ -214,12 +214,10 @@ class Batcher:
             if not batch:
                 self._free.release()
                 continue
-            if self.workers == 1:
-                await self._pass(loop, batch)  # the common case, in line: no task per pass
-            else:
-                task = loop.create_task(self._pass(loop, batch), name="lpt-pass")
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+            # The pass runs as a task; the slot it holds (`_free`) keeps one worker's passes one at a time.
+            task = loop.create_task(self._pass(loop, batch), name="lpt-pass")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     async def _pass(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
         """Run one batch on an inference thread and answer its rows; frees the thread's slot when done."""
