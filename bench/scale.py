@@ -7,8 +7,10 @@ of 64 rows over 64 distinct tasks against the raw encoder.
 
 Each store holds copies of the demo `mr` adapter under new names: every task's config is its own small file (it
 names the task), its weights a hard link to one file, so 10,000 tasks take little disk. The server is a real
-`lpt-serve` subprocess (`--runtime torch`, the default backbone); a 3-task store is the baseline for time to
-ready and RSS.
+`lpt-serve` subprocess with its default settings (the default backbone and runtime; `--runtime` picks another);
+a 3-task store is the baseline for time to ready and RSS. `--cold` (200) tasks picked at random are asked once
+each, one at a time, before any traffic (every answer must succeed: the count of failures is in the JSON), then
+once more: their first (cold) latency against their second (warm) one is what a cold task adds.
 
 Throughput is compared with the same traffic over `--resident-tasks` (16) tasks, all in memory: that server runs
 beside the one under test, idle while the other is measured, and the two take turns pattern by pattern for
@@ -82,12 +84,14 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, store: Path, host_budget_mb: float, log: Path) -> None:
+    def __init__(self, store: Path, host_budget_mb: float, log: Path, runtime: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "lpt_serve.api.main", "--store", str(store), "--port", str(self.port),
-                "--runtime", "torch", "--log-level", "warning", "--host-budget-mb", str(host_budget_mb),
+                "--log-level", "warning", "--host-budget-mb", str(host_budget_mb),
                 "--no-seed-demo-tasks", "--max-queue", "8192"]
+        if runtime is not None:
+            argv += ["--runtime", runtime]
         self.log = log.open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
@@ -121,16 +125,26 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def cold_loads(url: str, names: list[str], count: int) -> dict[str, Any]:
-    """The first request to `count` tasks never asked before, one at a time."""
-    latencies = []
+async def cold_loads(url: str, picked: list[str]) -> dict[str, Any]:
+    """The first request to each task in `picked` (none asked before), one at a time; then a second, warm one."""
+    cold: list[float] = []
+    warm: list[float] = []
+    failed: dict[str, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        for name in names[-count:]:
-            started = time.perf_counter()
-            r = await client.post(f"/classify/{name}", json={"text": TEXTS[0]})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - started)
-    return {"n": count, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3}
+        for latencies in (cold, warm):
+            for name in picked:
+                started = time.perf_counter()
+                r = await client.post(f"/classify/{name}", json={"text": TEXTS[0]})
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failed[str(r.status_code)] = failed.get(str(r.status_code), 0) + 1
+    out: dict[str, Any] = {"n": len(picked), "succeeded": len(cold), "failed": failed}
+    for name, latencies in (("", cold), ("warm_", warm)):
+        out[f"{name}p50_ms"] = (pct(latencies, 0.5) or float("nan")) * 1e3
+        out[f"{name}p99_ms"] = (pct(latencies, 0.99) or float("nan")) * 1e3
+    out["extra_p99_ms"] = out["p99_ms"] - out["warm_p99_ms"]
+    return out
 
 
 class HostLru:
@@ -221,7 +235,8 @@ def start(tasks: int, args: argparse.Namespace, work: Path) -> tuple[Server, lis
     store = work / f"store-{tasks}"
     names = build_store(store, tasks)
     adapter_mb = (DEMO / WEIGHTS_NAME).stat().st_size / 2**20 * 1.1  # a little over the file: tensors in memory
-    server = Server(store, host_budget_mb=adapter_mb * args.host_tasks, log=work / f"server-{tasks}.log")
+    server = Server(store, host_budget_mb=adapter_mb * args.host_tasks, log=work / f"server-{tasks}.log",
+                    runtime=args.runtime)
     try:
         ready_s = server.wait_ready()
     except BaseException:
@@ -241,9 +256,10 @@ def measure(tasks: int, args: argparse.Namespace, work: Path, resident: tuple[Se
     server, names, result = start(tasks, args, work)
     resident_server, resident_names = resident
     try:
-        result["cold"] = asyncio.run(cold_loads(server.url, names, min(args.cold, tasks)))
+        picked = random.Random(tasks).sample(names, min(args.cold, tasks))
+        result["cold"] = asyncio.run(cold_loads(server.url, picked))
         lru = HostLru(args.host_tasks)
-        for name in names[-min(args.cold, tasks):]:
+        for name in picked:
             lru.touch(name)
         phases: dict[str, list[dict[str, Any]]] = {}
         for rnd in range(args.rounds):
@@ -260,6 +276,9 @@ def measure(tasks: int, args: argparse.Namespace, work: Path, resident: tuple[Se
             result[pattern]["resident"] = summarize(base)
             result[pattern]["vs_resident"] = ratio(result[pattern]["rps"], result[pattern]["resident"]["rps"])
         result["end_rss_mb"] = rss_mb(server.proc.pid)
+        if any(result[pattern]["errors"] for pattern in patterns(args)):
+            server.log.flush()  # what the server said about the failed requests, before its store goes away
+            result["server_log_tail"] = Path(server.log.name).read_text(errors="replace")[-4000:]
         return result
     finally:
         server.stop()
@@ -306,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=None, help="seconds per traffic phase")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the skewed traffic")
-    parser.add_argument("--cold", type=int, default=50, help="cold first requests timed")
+    parser.add_argument("--cold", type=int, default=200, help="tasks picked at random for a first (cold) request")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default=None,
+                        help="the servers' encoder runtime (default: the server's own default)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process pass (64 tasks)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="clock of the in-process pass: wall, or CPU seconds (a shared machine, --threads 1)")
@@ -345,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([r["tasks"], f"{r['ready_s']:.2f} ({r['ready_s'] - base['ready_s']:+.2f})",
                      f"{r['ready_rss_mb']:.0f} ({r['ready_rss_mb'] - base['ready_rss_mb']:+.0f})",
                      f"{r['cold']['p50_ms']:.1f} / {r['cold']['p99_ms']:.1f}",
+                     f"{r['cold']['extra_p99_ms']:+.1f}", f"{r['cold']['succeeded']}/{r['cold']['n']}",
                      f"{u['rps']:.0f}: {u['p50_ms']:.0f} / {u['p99_ms']:.0f}", fmt(u["vs_resident"], 2),
                      f"{z['rps']:.0f}: {z['p50_ms']:.0f} / {z['p99_ms']:.0f}", fmt(z["vs_resident"], 2),
                      f"{r['end_rss_mb']:.0f}"])
@@ -352,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
           f"per phase, median of {args.rounds} round(s); 3-task store: ready {base['ready_s']:.2f} s, "
           f"{base['ready_rss_mb']:.0f} MiB; resident baseline: {args.resident_tasks} tasks)\n")
     print(markdown_table(["tasks", "ready s (vs 3)", "RSS MiB at ready (vs 3)", "cold p50/p99 ms",
+                          "cold p99 - warm p99 ms", "first requests ok",
                           "uniform req/s: p50/p99 ms", "uniform vs resident",
                           f"Zipf {args.zipf} req/s: p50/p99 ms", "Zipf vs resident", "RSS MiB at end"], rows))
     detail = []

@@ -242,10 +242,12 @@ def measured(server: Server, run) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- (b)-(d)
 def closed_loop(server: Server, tasks: list[str], texts: list[str], concurrency: int, duration_s: float,
-                seed: int) -> dict[str, Any]:
+                seed: int, engine: str = "auto") -> dict[str, Any]:
+    """`lpt_client.loadgen.run_load` on its cheapest HTTP engine unless `engine` says otherwise."""
     from lpt_client.loadgen import run_load
 
-    return measured(server, lambda: run_load(server.url, tasks, texts, concurrency, duration_s=duration_s, seed=seed))
+    return measured(server, lambda: run_load(server.url, tasks, texts, concurrency, duration_s=duration_s, seed=seed,
+                                             engine=engine))
 
 
 async def _open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration_s: float,
