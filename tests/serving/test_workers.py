@@ -106,13 +106,54 @@ def test_onnxruntime_on_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypat
     assert plan_inference(ServiceConfig(**base, runtime="auto")) == (1, None)
 
 
-async def test_a_free_worker_lets_rows_gather_while_another_pass_runs():
-    """Staggered passes: rows arriving one by one during a pass share the next pass instead of each taking one."""
+async def test_closed_loop_clients_keep_both_workers_busy_with_passes_of_their_share():
+    """32 closed-loop clients (each sends its next row as soon as its answer comes) on 2 workers, a pass costing a
+    fixed part plus a part per row: passes settle at about half the clients each, running side by side. Neither
+    one pass of 32 with a worker idle, nor ever smaller passes (each row taking the free worker as it arrives)."""
     sizes: list[int] = []
+    running = 0
+    overlapped = 0
+    lock = threading.Lock()
+
+    def timed_pass(adapters, encoded):
+        nonlocal running, overlapped
+        with lock:
+            running += 1
+            overlapped += running > 1
+            sizes.append(len(encoded))
+        time.sleep(0.02 + 0.002 * len(encoded))
+        with lock:
+            running -= 1
+        return [[1.0, 0.0] for _ in encoded]
+
+    batcher = Batcher(timed_pass, max_batch_size=64, max_wait_ms=2, workers=2)
+    batcher.start()
+    stop = time.monotonic() + 2.0
+
+    async def client(i: int) -> None:
+        while time.monotonic() < stop:
+            [row] = batcher.submit(*rows(f"t{i % 16}", 1), timeout_s=30)
+            await row.future
+            await asyncio.sleep(0.001)  # the answer's way back and the next request's way in
+
+    try:
+        await asyncio.gather(*(client(i) for i in range(32)))
+    finally:
+        await batcher.stop()
+    settled = sizes[len(sizes) // 4:]
+    mean = sum(settled) / len(settled)
+    assert 10 <= mean <= 22, sizes
+    assert overlapped >= len(sizes) // 2, (overlapped, len(sizes))
+
+
+async def test_a_free_worker_starts_once_its_share_has_arrived():
+    """A pass of 1 row runs; 1 more row arrives: that is half the rows in the system, so the free worker starts
+    with it at once instead of waiting for the stagger deadline (half a pass's time after the last start)."""
+    starts: list[tuple[int, float]] = []
 
     def slow(adapters, encoded):
-        sizes.append(len(encoded))
-        time.sleep(0.4)
+        starts.append((len(encoded), time.monotonic()))
+        time.sleep(1.0)
         return [[1.0, 0.0] for _ in encoded]
 
     batcher = Batcher(slow, max_batch_size=8, max_wait_ms=0, workers=2)
@@ -121,11 +162,32 @@ async def test_a_free_worker_lets_rows_gather_while_another_pass_runs():
         [warm] = batcher.submit(*rows("t", 1), timeout_s=30)  # one pass, so that the batcher knows a pass's time
         await warm.future
         first = batcher.submit(*rows("t", 1), timeout_s=30)
-        later = []
-        for _ in range(3):  # 20, 40, 60 ms into the first pass: well before half of it (200 ms)
-            await asyncio.sleep(0.02)
-            later += batcher.submit(*rows("t", 1), timeout_s=30)
-        await asyncio.gather(*(r.future for r in first + later))
+        await asyncio.sleep(0.02)
+        second = batcher.submit(*rows("t", 1), timeout_s=30)
+        await asyncio.gather(*(r.future for r in first + second))
     finally:
         await batcher.stop()
-    assert sizes == [1, 1, 3], sizes
+    assert [n for n, _ in starts] == [1, 1, 1]
+    # The stagger deadline would be 0.5 s after the first pass started; the share arrived 0.02 s in.
+    assert starts[2][1] - starts[1][1] < 0.3, starts
+
+
+async def test_two_free_workers_split_the_waiting_rows_into_two_passes_of_equal_size():
+    """32 one-row requests waiting, 2 workers free: two passes of 16 at the same time, not 32 on one worker while
+    the other idles."""
+    forward = Rendezvous(2)
+    sizes: list[int] = []
+
+    def counted(adapters, encoded):
+        sizes.append(len(encoded))
+        return forward(adapters, encoded)
+
+    batcher = Batcher(counted, max_batch_size=64, max_wait_ms=50, workers=2)
+    batcher.start()
+    try:
+        submitted = [batcher.submit(*rows(f"t{i % 4}", 1), timeout_s=30) for i in range(32)]
+        results = await asyncio.gather(*(r.future for request in submitted for r in request))
+    finally:
+        await batcher.stop()
+    assert sorted(sizes) == [16, 16] and len(forward.threads) == 2
+    assert len(results) == 32

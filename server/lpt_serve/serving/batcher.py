@@ -6,11 +6,18 @@ limits padding while the oldest row is always served next (no starvation). Rows 
 whose deadline passed are dropped before the pass. `workers` inference threads run the passes (one by default);
 a batch is taken only when a thread is free, so while all of them work, the next batch gathers. On shutdown the
 queue drains and the passes in flight finish before the loop ends.
+
+With several workers a pass takes its fair share of the rows in the system: the rows waiting and the rows of the
+passes running, divided by the workers. The share sizes passes alike (32 clients on 2 workers: two passes of 16
+at a time, not one of 32 while the other worker idles), and a free worker starts as soon as its share has arrived;
+until then rows gather, but no longer than a share of a pass's time after the last pass started (staggered passes
+rather than ever smaller ones).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -77,7 +84,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lpt-infer")
         self._free = asyncio.Semaphore(workers)  # inference threads without a pass
         self._in_flight: set[asyncio.Task] = set()
-        self._running = 0  # passes on the inference threads now
+        self._running = 0  # passes on the inference threads now (counted from when they are taken)
+        self._running_rows = 0  # rows in those passes
         self._last_start = 0.0  # when the latest pass started (monotonic)
         self._pass_seconds = 0.0  # moving average of a pass's wall time
         self._task: asyncio.Task | None = None
@@ -146,8 +154,12 @@ class Batcher:
         longest = max(r.tokens for r in self._queue)
         return len(self._queue) * longest >= self.max_batch_tokens
 
-    def _take(self) -> list[Row]:
-        """The rows of the next pass, shared fairly between the waiting requests.
+    def _share(self) -> int:
+        """Rows of a worker's fair share: those waiting and those in the passes running, over the workers."""
+        return max(1, min(self.max_batch_size, math.ceil((len(self._queue) + self._running_rows) / self.workers)))
+
+    def _take(self, limit: int) -> list[Row]:
+        """At most `limit` rows for the next pass, shared fairly between the waiting requests.
 
         The oldest row (the anchor) always goes first, so nothing starves. Then, round by round, every waiting
         request gives one row, its row nearest in length to the anchor (less padding), until the size or token
@@ -163,7 +175,7 @@ class Batcher:
         # The anchor's own request takes its round after the others: it has just had its turn.
         turns = deque(sorted(by_request, key=lambda request: request == anchor.request))
         chosen, longest = [anchor], anchor.tokens
-        while turns and len(chosen) < self.max_batch_size:
+        while turns and len(chosen) < limit:
             request = turns.popleft()
             rows = by_request[request]
             fits = next((i for i, r in enumerate(rows)
@@ -195,25 +207,29 @@ class Batcher:
                 self._free.release()
                 continue
             fill_until = self._queue[0].enqueued + self.max_wait
+            stagger_until = fill_until
             if self._running:
-                # Passes are staggered: while another runs, a free worker starts a share of a pass after the last
-                # start, letting rows gather until then. Taking whatever is queued at once would split the traffic
-                # into ever smaller passes (2 cores, 32 one-text clients: 4 rows a pass, and less throughput than
-                # one worker). With no pass running, the wait stays max_wait.
-                fill_until = max(fill_until, self._last_start + self._pass_seconds / self.workers)
+                # Passes are staggered: while another runs, a free worker lets rows gather until its share has
+                # arrived, or a share of a pass's time after the last start. Taking whatever is queued at once
+                # would split the traffic into ever smaller passes (2 cores, 32 one-text clients: 4 rows a pass,
+                # and less throughput than one worker). With no pass running, the wait stays max_wait.
+                stagger_until = max(fill_until, self._last_start + self._pass_seconds / self.workers)
             while not self._full() and not self._stopping:
-                remaining = fill_until - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if now >= stagger_until or (now >= fill_until and len(self._queue) >= self._share()):
                     break
                 self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-            batch = self._live(self._take())
+                wake = fill_until if now < fill_until else stagger_until
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), wake - now)
+            batch = self._live(self._take(self._share()))
             if not batch:
                 self._free.release()
                 continue
+            # Counted now, not when the pass task first runs: the next free worker's share depends on it.
+            self._running += 1
+            self._running_rows += len(batch)
+            self._last_start = time.monotonic()
             # The pass runs as a task; the slot it holds (`_free`) keeps one worker's passes one at a time.
             task = loop.create_task(self._pass(loop, batch), name="lpt-pass")
             self._in_flight.add(task)
@@ -221,9 +237,8 @@ class Batcher:
 
     async def _pass(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
         """Run one batch on an inference thread and answer its rows; frees the thread's slot when done."""
-        self._running += 1
         try:
-            started = self._last_start = time.monotonic()
+            started = time.monotonic()
             adapters = [r.adapter for r in batch]
             encoded = [r.encoded for r in batch]
             try:
@@ -245,6 +260,7 @@ class Batcher:
                     row.future.set_result(p)
         finally:
             self._running -= 1
+            self._running_rows -= len(batch)
             self._free.release()
 
     def _run_timed(self, adapters: Sequence[TaskAdapter],
