@@ -24,6 +24,7 @@ bad task fails exactly as it would alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -206,11 +207,14 @@ def _upper(backbone: Backbone, hidden: torch.Tensor, token_mask: torch.Tensor, s
         raise ValueError("a task's prompt layer lies below the layer the batch starts from")
     h = torch.cat([hidden.new_zeros(batch, slots, width), hidden], dim=1)  # [B, P+S, H]
     prompt_mask = token_mask.new_zeros(batch, slots)  # [B, P]
-    for layer in range(start_layer, backbone.num_layers):
-        here = [g for g in groups if g.adapter.config.prompt_layer == layer]
+    # The layers between two prompt layers run as one span under one mask: the mask changes only where prompts go in.
+    inserts = sorted({g.adapter.config.prompt_layer for g in groups})
+    bounds = [start_layer, *(k for k in inserts if k > start_layer), backbone.num_layers]
+    for begin, end in itertools.pairwise(bounds):
+        here = [g for g in groups if g.adapter.config.prompt_layer == begin]
         if here:
             h, prompt_mask = _insert_prompts(_prompts(here, h[:, slots:], token_mask, faults), h, prompt_mask)
-        h = backbone.run_layers(h, torch.cat([prompt_mask, token_mask], dim=1), layer, layer + 1)
+        h = backbone.run_layers(h, torch.cat([prompt_mask, token_mask], dim=1), begin, end)
     return _heads(groups, h, token_mask, prompt_mask, backbone, faults)
 
 
