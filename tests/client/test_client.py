@@ -709,7 +709,8 @@ def test_report_as_dict_is_json_safe() -> None:
 
 def test_loadgen_main_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any) -> None:
     handler, state = classify_server(lambda n, _: error(429, "overloaded", "full") if n % 4 == 0 else None)
-    # main() builds its own network transport; swap in the mock so the whole CLI path runs offline.
+    # main() builds its own network transport; swap in the mock so the whole CLI path runs offline (the httpx engine:
+    # tests/client/test_loadgen_engines.py runs the aiohttp one against a real socket).
     monkeypatch.setattr(loadgen.httpx, "AsyncHTTPTransport", lambda **_: httpx.MockTransport(handler))
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("first text\n\n  second text  \n", encoding="utf-8")
@@ -717,7 +718,7 @@ def test_loadgen_main_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
     code = loadgen.main(
         ["--url", BASE, "--tasks", "a, b", "--concurrency", "2", "--requests", "12", "--texts-file", str(texts_file)]
-        + ["--json", str(out)]
+        + ["--json", str(out), "--engine", "httpx"]
     )
 
     assert code == 0
@@ -732,5 +733,6 @@ def test_loadgen_main_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_loadgen_main_fails_when_nothing_succeeds(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     handler, _ = classify_server(lambda n, _: error(404, "unknown_task", "no such task"))
     monkeypatch.setattr(loadgen.httpx, "AsyncHTTPTransport", lambda **_: httpx.MockTransport(handler))
-    assert loadgen.main(["--url", BASE, "--tasks", "nope", "--concurrency", "1", "--requests", "3"]) == 1
+    assert loadgen.main(["--url", BASE, "--tasks", "nope", "--concurrency", "1", "--requests", "3",
+                         "--engine", "httpx"]) == 1
     assert "404=3" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """The load generator's aiohttp engine counts outcomes exactly as the httpx one does, against a real socket server.
 
 The server numbers requests from 1 and answers by that number: a 503, a connection dropped mid-answer, a 200 that
-is not a prediction, a 200 for another task, or a proper answer. Both engines must report the same counts.
+is not a prediction, a proper prediction for another task, a prediction missing its fields, or a proper answer.
+Both engines must report the same counts, also under a path prefix (a server behind a proxy at /lpt).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from lpt_client import loadgen
 
-REQUESTS = 60
+REQUESTS = 80
+PREDICTION = {"label": "pos", "score": 0.9, "scores": {"pos": 0.9, "neg": 0.1}, "truncated": False}
 
 
 def expected_outcome(n: int) -> str:
@@ -24,13 +26,14 @@ def expected_outcome(n: int) -> str:
         return "503"
     if n % 7 == 0:
         return "connection"
-    if n % 11 == 0 or n % 13 == 0:
+    if n % 11 == 0 or n % 13 == 0 or n % 17 == 0:
         return "invalid_response"
     return "ok"
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[str, dict]]:
+@pytest.fixture(params=["", "/lpt"], ids=["root", "prefix"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, dict]]:
+    prefix = request.param
     state: dict = {"n": 0, "bodies": []}
 
     async def classify(request: web.Request) -> web.StreamResponse:
@@ -46,16 +49,17 @@ async def server() -> AsyncIterator[tuple[str, dict]]:
         if n % 11 == 0:
             return web.json_response({"unexpected": True})
         if n % 13 == 0:
-            return web.json_response({"task": "someone-else", "version": 1, "predictions": [{"label": "x"}]})
-        return web.json_response({"task": task, "version": 1, "predictions": [
-            {"label": "pos", "score": 0.9, "scores": {"pos": 0.9, "neg": 0.1}, "truncated": False}]})
+            return web.json_response({"task": "someone-else", "version": 1, "predictions": [PREDICTION]})
+        if n % 17 == 0:
+            return web.json_response({"task": task, "version": 1, "predictions": [{"label": "pos"}]})
+        return web.json_response({"task": task, "version": 1, "predictions": [PREDICTION]})
 
     app = web.Application()
-    app.router.add_post("/classify/{task}", classify)
+    app.router.add_post(prefix + "/classify/{task}", classify)
     test_server = TestServer(app, host="127.0.0.1")
     await test_server.start_server()
     try:
-        yield str(test_server.make_url("")).rstrip("/"), state
+        yield str(test_server.make_url("")).rstrip("/") + prefix, state
     finally:
         await test_server.close()
 

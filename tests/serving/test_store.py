@@ -268,6 +268,41 @@ def test_recover_removes_staging_and_incomplete_versions(tmp_path: Path) -> None
     assert s.commit("t", cfg(5), weights(5)).current == 5
 
 
+def test_recover_never_removes_a_version_it_could_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error while checking a complete orphan (EIO, ESTALE on NFS) stops recovery with the store's error,
+    rather than being taken for "incomplete": taken for that, recovery would delete a complete version."""
+    import errno
+
+    s = AdapterStore(tmp_path)
+    s.commit("t", cfg(1), weights(1))
+    orphan = tmp_path / "t" / "v2"
+    orphan.mkdir()
+    (orphan / CONFIG_NAME).write_bytes(cfg(2))
+    (orphan / WEIGHTS_NAME).write_bytes(weights(2))
+    real_stat = os.stat
+
+    def flaky_stat(path, *args, **kwargs):
+        if str(path).startswith(str(orphan)):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_mod.os, "stat", flaky_stat)
+    with pytest.raises(StoreUnwritable, match="I/O error"):
+        s.recover()
+    monkeypatch.undo()
+    assert (orphan / WEIGHTS_NAME).read_bytes() == weights(2)
+    assert s.get("t").versions == (1, 2)
+
+
+def test_link_loops_named_like_a_task_or_a_version_are_skipped(tmp_path: Path) -> None:
+    s = AdapterStore(tmp_path)
+    s.commit("t", cfg(1), weights(1))
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("v9", tmp_path / "t" / "v9")
+    reopened = AdapterStore(tmp_path)
+    assert reopened.task_names() == ["t"] and reopened.get("t").versions == (1,)
+
+
 def test_recover_runs_at_open(tmp_path: Path) -> None:
     AdapterStore(tmp_path).commit("t", cfg(1), weights(1))
     (tmp_path / ".tmp" / "stage-t-0").mkdir()

@@ -172,6 +172,29 @@ async def test_a_free_worker_starts_once_its_share_has_arrived():
     assert starts[2][1] - starts[1][1] < 0.3, starts
 
 
+async def test_an_odd_number_of_rows_on_two_idle_workers_starts_at_once():
+    """3 rows, 2 idle workers: a pass of 2 and a pass of 1, both at once. The second worker's share is the one row
+    left; it must not wait for a second row that is not coming (until the stagger deadline, half a pass later)."""
+    starts: list[tuple[int, float]] = []
+
+    def slow(adapters, encoded):
+        starts.append((len(encoded), time.monotonic()))
+        time.sleep(1.0)
+        return [[1.0, 0.0] for _ in encoded]
+
+    batcher = Batcher(slow, max_batch_size=8, max_wait_ms=0, workers=2)
+    batcher.start()
+    try:
+        [warm] = batcher.submit(*rows("t", 1), timeout_s=30)  # a pass's time known: the deadline would be 0.5 s
+        await warm.future
+        request = batcher.submit(*rows("t", 3), timeout_s=30)
+        await asyncio.gather(*(r.future for r in request))
+    finally:
+        await batcher.stop()
+    assert sorted(n for n, _ in starts[1:]) == [1, 2]
+    assert abs(starts[2][1] - starts[1][1]) < 0.3, starts
+
+
 async def test_two_free_workers_split_the_waiting_rows_into_two_passes_of_equal_size():
     """32 one-row requests waiting, 2 workers free: two passes of 16 at the same time, not 32 on one worker while
     the other idles."""

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import httpx
 
 from lpt_client.client import AsyncLptClient, LptConnectionError, LptError, UnexpectedResponseError
+from lpt_client.schemas import ClassifyResult
 
 __all__ = ["LoadReport", "main", "percentile", "run_load"]
 
@@ -197,9 +198,9 @@ async def run_load(
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(base_url, connector=connector,
+        async with aiohttp.ClientSession(connector=connector,
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            send = _aiohttp_sender(session)
+            send = _aiohttp_sender(session, base_url)
             await asyncio.gather(*(worker(send, i) for i in range(concurrency)))
     else:
         async with AsyncLptClient(base_url, timeout=timeout, max_retries=0, transport=transport) as client:
@@ -221,36 +222,42 @@ def _pick_engine(engine: Engine, transport: httpx.AsyncBaseTransport | None) -> 
     return engine
 
 
+def _answers(task: str, result: ClassifyResult) -> bool:
+    """Both engines count a 200 as a success only if it is one prediction for the task asked."""
+    return result.task == task and len(result.predictions) == 1
+
+
 def _httpx_sender(client: AsyncLptClient) -> Send:
     async def send(task: str, text: str) -> str:
         try:
-            await client.classify(task, text)
+            result = await client.classify(task, text)
         except LptError as exc:
             return _outcome(exc)
-        return "ok"
+        return "ok" if _answers(task, result) else "invalid_response"
 
     return send
 
 
-def _aiohttp_sender(session: Any) -> Send:
+def _aiohttp_sender(session: Any, base_url: str) -> Send:
     import aiohttp
+    import pydantic
+
+    prefix = base_url.rstrip("/")  # the full URL: aiohttp's own base_url would drop a path prefix (/lpt/classify)
 
     async def send(task: str, text: str) -> str:
         try:
-            async with session.post(f"/classify/{urllib.parse.quote(task, safe='')}", json={"text": text}) as r:
+            url = f"{prefix}/classify/{urllib.parse.quote(task, safe='')}"
+            async with session.post(url, json={"text": text}) as r:
                 body = await r.read()
         except (aiohttp.ClientError, TimeoutError):
             return "connection"
         if r.status != 200:
             return str(r.status)
-        # The same check as the client library's, at the cost of one json.loads: an answer that is not one
-        # prediction for the task is not a success.
-        try:
-            answer = json.loads(body)
-            ok = answer["task"] == task and len(answer["predictions"]) == 1
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        return "ok" if ok else "invalid_response"
+        try:  # the client library's own schema check
+            result = ClassifyResult.model_validate_json(body)
+        except pydantic.ValidationError:
+            return "invalid_response"
+        return "ok" if _answers(task, result) else "invalid_response"
 
     return send
 

@@ -155,8 +155,15 @@ class Batcher:
         return len(self._queue) * longest >= self.max_batch_tokens
 
     def _share(self) -> int:
-        """Rows of a worker's fair share: those waiting and those in the passes running, over the workers."""
+        """Rows of a worker's fair share: those waiting and those in the passes running, over the workers (rounded
+        up: the rows a pass takes)."""
         return max(1, min(self.max_batch_size, math.ceil((len(self._queue) + self._running_rows) / self.workers)))
+
+    def _share_arrived(self) -> bool:
+        # Rounded down here: 3 rows on 2 idle workers are a pass of 2 and then one of 1, at once. Rounded up, the
+        # second worker would wait for a second row that is not coming.
+        share = max(1, min(self.max_batch_size, (len(self._queue) + self._running_rows) // self.workers))
+        return len(self._queue) >= share
 
     def _take(self, limit: int) -> list[Row]:
         """At most `limit` rows for the next pass, shared fairly between the waiting requests.
@@ -207,16 +214,17 @@ class Batcher:
                 self._free.release()
                 continue
             fill_until = self._queue[0].enqueued + self.max_wait
-            stagger_until = fill_until
-            if self._running:
+            while not self._full() and not self._stopping:
+                now = time.monotonic()
                 # Passes are staggered: while another runs, a free worker lets rows gather until its share has
                 # arrived, or a share of a pass's time after the last start. Taking whatever is queued at once
                 # would split the traffic into ever smaller passes (2 cores, 32 one-text clients: 4 rows a pass,
-                # and less throughput than one worker). With no pass running, the wait stays max_wait.
-                stagger_until = max(fill_until, self._last_start + self._pass_seconds / self.workers)
-            while not self._full() and not self._stopping:
-                now = time.monotonic()
-                if now >= stagger_until or (now >= fill_until and len(self._queue) >= self._share()):
+                # and less throughput than one worker). With no pass running, the wait stays max_wait. Both are
+                # read again at each wake-up: a pass that ends (it sets `_arrived`) changes them.
+                stagger_until = fill_until
+                if self._running:
+                    stagger_until = max(fill_until, self._last_start + self._pass_seconds / self.workers)
+                if now >= stagger_until or (now >= fill_until and self._share_arrived()):
                     break
                 self._arrived.clear()
                 wake = fill_until if now < fill_until else stagger_until
@@ -262,6 +270,7 @@ class Batcher:
             self._running -= 1
             self._running_rows -= len(batch)
             self._free.release()
+            self._arrived.set()  # a worker waiting for its share: the share just changed
 
     def _run_timed(self, adapters: Sequence[TaskAdapter],
                    encoded: Sequence[Encoded]) -> tuple[list[list[float] | BaseException], float]:

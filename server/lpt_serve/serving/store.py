@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -221,9 +222,36 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+# What pathlib's is_file/is_dir take for "no": the entry is missing, a path component is not a directory, or a link
+# loops. Anything else (EIO, ESTALE on NFS, EACCES) is raised: read as "no", recovery would delete a complete version.
+_ABSENT = (FileNotFoundError, NotADirectoryError)
+_ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except _ABSENT:
+        return False
+    except OSError as e:
+        if e.errno in _ABSENT_ERRNOS:
+            return False
+        raise
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError as e:
+        if e.errno in _ABSENT_ERRNOS:
+            return False
+        raise
+
+
 def _is_complete(version_dir: str | Path) -> bool:
-    # os.path on strings, not pathlib: a server starting on 10,000 tasks runs this for every version of every task.
-    return all(os.path.isfile(os.path.join(version_dir, name)) for name in ADAPTER_FILES)
+    # os functions on strings, not pathlib: a server starting on 10,000 tasks runs this for every version of every
+    # task, and pathlib's object creation was most of that time.
+    return all(_is_file(os.path.join(version_dir, name)) for name in ADAPTER_FILES)
 
 
 def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
@@ -382,7 +410,7 @@ class AdapterStore:
         with os.scandir(task_dir) as entries:  # the directory's own entry types: no stat per entry
             for entry in entries:
                 m = _VERSION_DIR.fullmatch(entry.name)
-                if m and entry.is_dir():
+                if m and _is_dir_entry(entry):
                     found.append(int(m.group(1)))
         return sorted(found)
 
@@ -426,7 +454,7 @@ class AdapterStore:
         with os.scandir(self.root) as entries:
             for entry in entries:
                 # Task names cannot start with a dot, so .tmp, .lock and .seeded never look like tasks.
-                if TASK_NAME_PATTERN.fullmatch(entry.name) and entry.is_dir():
+                if TASK_NAME_PATTERN.fullmatch(entry.name) and _is_dir_entry(entry):
                     names.append(entry.name)
         return sorted(names)
 
