@@ -4,6 +4,8 @@ accelerator (tests/serving/test_registry.py). Loads are counted by wrapping the 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -70,6 +72,33 @@ async def test_a_cold_task_loads_once_however_many_ask(tiny_backbone, store, loa
     assert len({id(s.adapter) for s in served[:20]}) == 1 and served[0].task == "a"
     assert len({id(s.adapter) for s in served[20:]}) == 1 and served[20].task == "b"
     assert (await registry.resolve("a")) is served[0] and sorted(loads) == ["a", "b"]
+
+
+async def test_loads_for_requests_run_one_at_a_time_on_one_thread(tiny_backbone, store, monkeypatch):
+    """Five cold tasks asked at once: five loads, one after another on the registry's loader thread, never two at
+    a time (concurrent loads hold the GIL against the inference threads between their native calls)."""
+    real = registry_module.load_adapter
+    lock = threading.Lock()
+    state = {"running": 0, "most": 0, "threads": set()}
+
+    def watched(directory, backbone):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+            state["threads"].add(threading.current_thread().name)
+        time.sleep(0.05)  # long enough for a second load to overlap, were they run in parallel
+        try:
+            return real(directory, backbone)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(registry_module, "load_adapter", watched)
+    registry = Registry(tiny_backbone, store)
+    registry.load_all()
+    served = await asyncio.gather(*(registry.resolve(t) for t in NAMES))
+    assert [s.task for s in served] == NAMES
+    assert state["most"] == 1 and len(state["threads"]) == 1 and next(iter(state["threads"])).startswith("lpt-load")
 
 
 def test_host_memory_is_an_lru_over_its_budget_and_pinned_tasks_stay(tiny_backbone, store, tmp_path, loads):
