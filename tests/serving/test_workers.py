@@ -146,27 +146,40 @@ async def test_closed_loop_clients_keep_both_workers_busy_with_passes_of_their_s
     assert overlapped >= len(sizes) // 2, (overlapped, len(sizes))
 
 
-async def test_a_free_worker_starts_once_its_share_has_arrived():
-    """A pass of 1 row runs; 1 more row arrives: that is half the rows in the system, so the free worker starts
-    with it at once instead of waiting for the stagger deadline (half a pass's time after the last start)."""
-    starts: list[tuple[int, float]] = []
+class SecondLongPasses:
+    """Passes of 1 s each, their (rows, start time) recorded."""
 
-    def slow(adapters, encoded):
-        starts.append((len(encoded), time.monotonic()))
+    def __init__(self) -> None:
+        self.starts: list[tuple[int, float]] = []
+
+    def __call__(self, adapters, encoded):
+        self.starts.append((len(encoded), time.monotonic()))
         time.sleep(1.0)
         return [[1.0, 0.0] for _ in encoded]
 
-    batcher = Batcher(slow, max_batch_size=8, max_wait_ms=0, workers=2)
+
+async def warmed_two_worker_batcher(forward: SecondLongPasses) -> Batcher:
+    """Two workers, after one pass: the batcher knows a pass's time, so the stagger deadline is 0.5 s."""
+    batcher = Batcher(forward, max_batch_size=8, max_wait_ms=0, workers=2)
     batcher.start()
+    [warm] = batcher.submit(*rows("t", 1), timeout_s=30)
+    await warm.future
+    return batcher
+
+
+async def test_a_free_worker_starts_once_its_share_has_arrived():
+    """A pass of 1 row runs; 1 more row arrives: that is half the rows in the system, so the free worker starts
+    with it at once instead of waiting for the stagger deadline (half a pass's time after the last start)."""
+    forward = SecondLongPasses()
+    batcher = await warmed_two_worker_batcher(forward)
     try:
-        [warm] = batcher.submit(*rows("t", 1), timeout_s=30)  # one pass, so that the batcher knows a pass's time
-        await warm.future
         first = batcher.submit(*rows("t", 1), timeout_s=30)
         await asyncio.sleep(0.02)
         second = batcher.submit(*rows("t", 1), timeout_s=30)
         await asyncio.gather(*(r.future for r in first + second))
     finally:
         await batcher.stop()
+    starts = forward.starts
     assert [n for n, _ in starts] == [1, 1, 1]
     # The stagger deadline would be 0.5 s after the first pass started; the share arrived 0.02 s in.
     assert starts[2][1] - starts[1][1] < 0.3, starts
@@ -175,22 +188,14 @@ async def test_a_free_worker_starts_once_its_share_has_arrived():
 async def test_an_odd_number_of_rows_on_two_idle_workers_starts_at_once():
     """3 rows, 2 idle workers: a pass of 2 and a pass of 1, both at once. The second worker's share is the one row
     left; it must not wait for a second row that is not coming (until the stagger deadline, half a pass later)."""
-    starts: list[tuple[int, float]] = []
-
-    def slow(adapters, encoded):
-        starts.append((len(encoded), time.monotonic()))
-        time.sleep(1.0)
-        return [[1.0, 0.0] for _ in encoded]
-
-    batcher = Batcher(slow, max_batch_size=8, max_wait_ms=0, workers=2)
-    batcher.start()
+    forward = SecondLongPasses()
+    batcher = await warmed_two_worker_batcher(forward)
     try:
-        [warm] = batcher.submit(*rows("t", 1), timeout_s=30)  # a pass's time known: the deadline would be 0.5 s
-        await warm.future
         request = batcher.submit(*rows("t", 3), timeout_s=30)
         await asyncio.gather(*(r.future for r in request))
     finally:
         await batcher.stop()
+    starts = forward.starts
     assert sorted(n for n, _ in starts[1:]) == [1, 2]
     assert abs(starts[2][1] - starts[1][1]) < 0.3, starts
 
