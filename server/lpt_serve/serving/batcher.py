@@ -154,16 +154,16 @@ class Batcher:
         longest = max(r.tokens for r in self._queue)
         return len(self._queue) * longest >= self.max_batch_tokens
 
-    def _share(self) -> int:
-        """Rows of a worker's fair share: those waiting and those in the passes running, over the workers (rounded
-        up: the rows a pass takes)."""
-        return max(1, min(self.max_batch_size, math.ceil((len(self._queue) + self._running_rows) / self.workers)))
+    def _share(self, *, round_up: bool = True) -> int:
+        """Rows of a worker's fair share: those waiting and those in the passes running, over the workers. Rounded
+        up, it is what a pass takes; rounded down, what must have arrived before a free worker starts (3 rows on 2
+        idle workers: a pass of 2 and one of 1 at once, not a second worker waiting for a row that is not coming)."""
+        rows = len(self._queue) + self._running_rows
+        share = math.ceil(rows / self.workers) if round_up else rows // self.workers
+        return max(1, min(self.max_batch_size, share))
 
     def _share_arrived(self) -> bool:
-        # Rounded down here: 3 rows on 2 idle workers are a pass of 2 and then one of 1, at once. Rounded up, the
-        # second worker would wait for a second row that is not coming.
-        share = max(1, min(self.max_batch_size, (len(self._queue) + self._running_rows) // self.workers))
-        return len(self._queue) >= share
+        return len(self._queue) >= self._share(round_up=False)
 
     def _take(self, limit: int) -> list[Row]:
         """At most `limit` rows for the next pass, shared fairly between the waiting requests.

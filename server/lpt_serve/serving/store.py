@@ -224,15 +224,12 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 
 # What pathlib's is_file/is_dir take for "no": the entry is missing, a path component is not a directory, or a link
 # loops. Anything else (EIO, ESTALE on NFS, EACCES) is raised: read as "no", recovery would delete a complete version.
-_ABSENT = (FileNotFoundError, NotADirectoryError)
 _ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 
 
 def _is_file(path: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except _ABSENT:
-        return False
     except OSError as e:
         if e.errno in _ABSENT_ERRNOS:
             return False
