@@ -17,6 +17,7 @@ from lpt_serve.model.adapter import (
     WEIGHTS_NAME,
     AdapterConfig,
     AdapterError,
+    TaskAdapter,
     build_adapter,
     check_adapter,
     load_adapter,
@@ -241,6 +242,44 @@ def test_save_load_round_trip(tiny_mlm_backbone, zoo, tmp_path):
             torch.testing.assert_close(v, v2)
         enc = encode_texts(bb, ["a good film"], adapter.config.template)
         torch.testing.assert_close(classify_rows(bb, [loaded], enc)[0], classify_rows(bb, [adapter], enc)[0])
+
+
+def test_loads_of_one_structure_share_nothing(tiny_mlm_backbone, zoo, tmp_path):
+    """Loads copy one module tree per adapter structure: each load must still be its own adapter, built as
+    `TaskAdapter(config)` builds it (same modules, sizes, dropout, eval mode), with its own config and containers."""
+    bb = tiny_mlm_backbone
+    for adapter in zoo:
+        reference = TaskAdapter(adapter.config, adapter.head.label_word_ids.tolist()
+                                if adapter.config.head == "verbalizer" else None).eval()
+        first = load_adapter(adapter.save(tmp_path / f"{adapter.task}-1"), bb)
+        second_adapter = make_adapter(bb, "other", seed=99, **adapter.config.model_dump(
+            exclude={"task", "labels", "backbone", "format_version", "training"}), labels=adapter.config.labels)
+        second = load_adapter(second_adapter.save(tmp_path / f"{adapter.task}-2"), bb)
+        for loaded, source in ((first, adapter), (second, second_adapter)):
+            assert repr(loaded) == repr(reference)
+            assert [type(m) for m in loaded.modules()] == [type(m) for m in reference.modules()]
+            assert not any(m.training for m in loaded.modules())
+            assert not any(p.requires_grad or p.is_meta for p in loaded.parameters())
+            assert loaded.config == source.config
+        assert first.task == adapter.task and second.task == "other"
+        assert not {id(p) for p in first.parameters()} & {id(p) for p in second.parameters()}
+        assert not {id(m) for m in first.modules()} & {id(m) for m in second.modules()}
+        # A hook or a new submodule on one adapter must not reach another adapter of the same structure.
+        first.generator.register_forward_hook(lambda *args: None)
+        first.head.extra = nn.Identity()
+        assert not second.generator._forward_hooks and "extra" not in second.head._modules
+        second.generator.register_forward_hook(lambda *args: None)
+        assert len(first.generator._forward_hooks) == 1
+        enc = encode_texts(bb, ["a good film"], adapter.config.template)
+        torch.testing.assert_close(classify_rows(bb, [second], enc)[0], classify_rows(bb, [second_adapter], enc)[0])
+
+
+def test_a_change_of_dropout_or_size_builds_another_structure(tiny_backbone, tmp_path):
+    for overrides in ({}, {"dropout": 0.3}, {"bottleneck": 8}, {"prompt_length": 3}, {"pooling": "cls"}):
+        adapter = make_adapter(tiny_backbone, "t", **overrides)
+        loaded = load_adapter(adapter.save(tmp_path / str(overrides)), tiny_backbone)
+        assert repr(loaded) == repr(TaskAdapter(adapter.config)), overrides
+        assert loaded.head.pooling == adapter.config.pooling
 
 
 def _reworked(config_bytes: bytes, **changes) -> bytes:

@@ -17,6 +17,7 @@ pass's dtype when it runs.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -203,7 +204,11 @@ class TaskAdapter(nn.Module):
         """Moved to `device`, in place, for a server whose passes run in `dtype`: weights wider than `dtype` (fp32
         under a bf16 backbone) are narrowed to it once, narrower ones (a compact adapter under an fp32 backbone)
         stay as stored, half the bytes, and are cast when they run."""
-        self.to(device)
+        device = torch.device(device)
+        # Module.to walks every module in Python even when nothing moves; a server loading tens of adapters a
+        # second straight into CPU memory skips that walk.
+        if any(t.device != device for t in itertools.chain(self.parameters(), self.buffers())):
+            self.to(device)
         for p in self.parameters():
             if p.is_floating_point() and p.dtype.itemsize > dtype.itemsize:
                 p.data = p.data.to(dtype)
@@ -455,17 +460,16 @@ def check_adapter(config: AdapterConfig, tensors: Mapping[str, torch.Tensor | Te
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite. On the CPU this reads the bits with numpy, on the calling thread alone: a load
-    runs beside the inference thread's passes, and a torch op here would start a second team of intra-op threads
-    that fights theirs for the same cores."""
+    """Whether every value is finite. On the CPU this runs in numpy, on the calling thread alone: a load runs beside
+    the inference threads' passes, and a torch op here would start a second team of intra-op threads that fights
+    theirs for the same cores."""
     if tensor.device.type != "cpu" or tensor.dtype not in FLOAT_DTYPES.values():
         return bool(torch.isfinite(tensor).all())
-    bits = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
-            torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
-    as_int, exponent = bits[tensor.dtype]
-    # A float is NaN or infinite exactly when its exponent bits are all ones.
-    raw = tensor.detach().contiguous().view(as_int).numpy()
-    return not bool(np.any((raw & exponent) == exponent))
+    values = tensor.detach().contiguous()
+    if tensor.dtype != torch.bfloat16:
+        return bool(np.isfinite(values.numpy()).all())
+    # numpy has no bfloat16: a bfloat16 is NaN or infinite exactly when its exponent bits are all ones.
+    return not bool(np.any((values.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
 
 
 def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dtype) -> list[str]:
@@ -509,9 +513,21 @@ def build_adapter(config_bytes: bytes | str, weights_bytes: bytes, backbone) -> 
 
 
 def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: dict[str, torch.Tensor]) -> TaskAdapter:
-    """The adapter made of these tensors themselves, in the dtype they were stored in (fp64 becomes fp32). Built on
-    the meta device, so no weight is ever allocated and randomly initialised only to be overwritten."""
+    """The adapter made of these tensors themselves, in the dtype they were stored in (fp64 becomes fp32). The
+    caller has checked the tensors' names and shapes against the config (`check_adapter`)."""
     tensors = {k: t.float() if t.dtype == torch.float64 else t for k, t in tensors.items()}
+    skeleton = _skeleton(config) if config.head == "linear" else None
+    if skeleton is not None:
+        adapter = _copy_tree(skeleton)
+        adapter.config = config
+        for name, tensor in tensors.items():
+            *path, attribute = name.split(".")
+            module = adapter
+            for part in path:
+                module = module._modules[part]
+            module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+        return adapter
+    # Built on the meta device, so no weight is ever allocated and randomly initialised only to be overwritten.
     with torch.device("meta"):
         adapter = TaskAdapter(config, word_ids)
     if config.head == "verbalizer":
@@ -521,6 +537,53 @@ def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: di
     for p in adapter.parameters():
         p.requires_grad_(False)
     return adapter
+
+
+# A server loads tasks on demand, tens a second under skewed traffic over thousands of tasks, and building the
+# modules was most of a load: nn.Module construction, Linear's random init (run even on the meta device) and
+# load_state_dict's walk, ~1.5 ms of Python that holds the GIL against the inference threads. Adapters of one
+# structure differ only in their config and weights, so each structure is built once, on the meta device, and a
+# load copies that tree's objects (fresh attribute dicts, nothing shared) and puts its own tensors in.
+_SKELETONS_KEPT = 64
+_skeletons: dict[tuple, TaskAdapter] = {}
+
+
+def _structure(config: AdapterConfig) -> tuple:
+    """Every config field `TaskAdapter.__init__` builds modules from (a linear head's): adapters that agree on these
+    have the same module tree."""
+    return (config.generator, config.backbone.hidden_size, config.prompt_length, config.bottleneck, config.dropout,
+            config.head, len(config.labels), config.pooling)
+
+
+def _skeleton(config: AdapterConfig) -> TaskAdapter | None:
+    key = _structure(config)
+    skeleton = _skeletons.get(key)
+    if skeleton is None:
+        with torch.device("meta"):
+            skeleton = TaskAdapter(config).eval()
+        if set(skeleton.state_dict()) != set(expected_shapes(config)):
+            return None  # the weights would not replace every meta tensor: take the slow path
+        for p in skeleton.parameters():
+            p.requires_grad_(False)
+        if len(_skeletons) >= _SKELETONS_KEPT:
+            _skeletons.pop(next(iter(_skeletons)), None)
+        _skeletons[key] = skeleton
+    return skeleton
+
+
+def _copy_tree(module: nn.Module) -> nn.Module:
+    """A copy of `module` and its submodules: new objects whose containers (parameters, buffers, hooks, children)
+    are copies, so nothing done to the copy reaches the original; the parameters are still the original's until
+    replaced."""
+    copy = object.__new__(type(module))
+    attributes = dict(module.__dict__)
+    for name, value in attributes.items():
+        if isinstance(value, (dict, set)):
+            attributes[name] = type(value)(value)
+    attributes["_modules"] = type(module._modules)(
+        (name, None if child is None else _copy_tree(child)) for name, child in module._modules.items())
+    copy.__dict__ = attributes
+    return copy
 
 
 def load_adapter(directory: str | Path, backbone) -> TaskAdapter:
