@@ -359,6 +359,28 @@ def test_corrupt_or_dangling_state_not_served(tmp_path: Path) -> None:
     assert (r.current, r.history) == (2, (2,))
 
 
+def test_scan_reports_each_task_with_the_stamp_of_the_state_it_read(tmp_path: Path) -> None:
+    s = AdapterStore(tmp_path)
+    s.commit("good", cfg(1), weights(1))
+    s.commit("good", cfg(2), weights(2))
+    s.commit("bad", cfg(1), weights(1))
+    s.commit("dangling", cfg(1), weights(1))
+    (tmp_path / "bad" / "state.json").write_text("{not json")
+    (tmp_path / "dangling" / "state.json").write_text(json.dumps({"current": 9, "history": [1, 9]}))
+    (tmp_path / "unborn").mkdir()  # a directory with no state.json: never committed
+    scanned = {t.task: t for t in s.scan()}
+    assert sorted(scanned) == ["bad", "dangling", "good", "unborn"]
+    good = scanned["good"]
+    assert good.error is None and good.record == s.get("good") and good.record.versions == (1, 2)
+    assert isinstance(scanned["bad"].error, StoreError) and scanned["bad"].record is None
+    assert scanned["dangling"].record is None and scanned["dangling"].error is None
+    assert scanned["unborn"] == store_mod.ScannedTask("unborn", None, None, None)
+    for name in ("good", "bad", "dangling"):
+        assert scanned[name].stamp == s.state_stamp(name) is not None
+    s.commit("good", cfg(3), weights(3))
+    assert next(t for t in s.scan() if t.task == "good").stamp not in (None, good.stamp)
+
+
 def test_seeding_copies_the_source_once_in_a_stores_life(tmp_path: Path) -> None:
     source = AdapterStore(tmp_path / "seed")
     source.commit("one", cfg(1), weights(1))

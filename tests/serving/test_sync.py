@@ -196,3 +196,23 @@ def test_a_task_retired_before_its_load_answers_not_found(replicas):
     with pytest.raises(TaskNotFound):  # not TaskFailed: the version left, it did not break
         b.get("b")
     assert "b" not in b.names()
+
+
+async def test_a_store_opened_while_the_backbone_loaded_catches_up_on_what_changed_since(tiny_backbone, tmp_path):
+    """`lpt-serve` opens the store and reads its index while the backbone loads: a change made between that read and
+    the start must reach the started service at its first sync, not be lost."""
+    from lpt_serve.serving.service import Service, ServiceConfig, open_store
+
+    config = ServiceConfig(store=tmp_path / "store", warmup=False, sync_interval_s=0, seed_from=None)
+    opened = open_store(config)
+    assert opened.index.entries == {}
+    # Another process commits after the index was read.
+    AdapterStore(tmp_path / "store").commit_dir("late", make_adapter(tiny_backbone, "late").save(tmp_path / "late"))
+    service = Service(config, backbone=tiny_backbone, opened=opened)
+    await service.start()
+    try:
+        assert service.registry.names() == []  # the index as it was read
+        assert service.registry.sync() == ["late"]
+        assert (await service.resolve("late")).version == 1
+    finally:
+        await service.stop()

@@ -26,7 +26,7 @@ from lpt_serve.api.routes import admin, classify, ops, tasks
 from lpt_serve.api.settings import Settings
 from lpt_serve.errors import InputTooLarge, LptServeError
 from lpt_serve.model.backbone import Backbone
-from lpt_serve.serving.service import Service
+from lpt_serve.serving.service import OpenedStore, Service
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,13 @@ def dashboard_for(service: Service, **options) -> Dashboard:
                      batches=lambda: service.batcher.history if service.batcher is not None else (), **options)
 
 
-def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
-    """Build the app; pass `backbone` to reuse one already loaded (tests, benchmarks)."""
+def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
+               opened_store: OpenedStore | None = None) -> FastAPI:
+    """Build the app; pass `backbone` to reuse one already loaded (tests, benchmarks), `opened_store` for a store
+    already opened with `open_store` (`lpt-serve` opens it while the backbone loads). The service's start makes
+    what is not given."""
     settings = settings or Settings()
-    service = Service(settings.service_config(), backbone)
+    service = Service(settings.service_config(), backbone, opened_store)
     dashboard = dashboard_for(service)
 
     @asynccontextmanager

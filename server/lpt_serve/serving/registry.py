@@ -146,38 +146,30 @@ class Registry:
         # dtype are narrowed once; a compact (fp16/bf16) adapter stays as stored, half the bytes, cast when it runs.
         return adapter.to_serving("cpu" if self.offload else self.device, self.backbone.dtype)
 
-    def load_all(self) -> dict[str, str]:
-        """Index what the store has committed (state.json files only), then load the pinned tasks. A pinned task
-        that does not load is logged, not fatal: its requests answer `TaskFailed`."""
-        # The generation is read first: a change made while we read is then caught by the next `sync`.
-        generation = self.store.generation()
-        index: dict[str, TaskEntry] = {}
-        self._stamps = {}
-        for task in self.store.task_names():
-            # Stamp before reading, for the same reason.
-            self._stamps[task] = self.store.state_stamp(task)
-            try:
-                record = self.store.record(task)
-            except StoreError as exc:
-                log.warning("skipping task %r: %s", task, exc)
-                continue
-            if record is not None:
-                index[task] = _entry(record)
-        self.generation = generation
+    def load_all(self, index: StoreIndex | None = None) -> dict[str, str]:
+        """Serve what the store has committed: `index` (read by `read_index`, perhaps while the backbone loaded)
+        or the store's index read now; then load the pinned tasks. A pinned task that does not load is logged, not
+        fatal: its requests answer `TaskFailed`. Changes made after the index was read are caught by `sync`."""
+        if index is None:
+            index = read_index(self.store)
+        self.generation = index.generation
+        self._stamps = dict(index.stamps)
+        entries = dict(index.entries)
         with self._host_lock:
-            self._index = index
+            self._index = entries
             self._host.clear()
             self._host_bytes = 0
             self._load_failures.clear()
         with self._health_lock:
             self._health = {}
         errors: dict[str, str] = {}
-        for task in sorted(self.pinned & set(index)):
+        pinned = sorted(self.pinned & set(entries))
+        for task in pinned:
             try:
                 self.get(task)
             except TaskFailed as exc:
                 errors[task] = str(exc)
-        log.info("indexed %d tasks; %d pinned in host memory", len(index), len(self.pinned & set(index)) - len(errors))
+        log.info("indexed %d tasks; %d pinned in host memory", len(entries), len(pinned) - len(errors))
         return errors
 
     @property
@@ -621,6 +613,32 @@ class Registry:
 
 class _Vanished(TaskNotFound):
     """The indexed version left the store while it was being loaded (another replica retired or pruned it)."""
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """What a store had committed when read: its generation, an entry per servable task, and the stamp of every
+    task's state.json (of the very file its entry was read from)."""
+
+    generation: int
+    entries: dict[str, TaskEntry]
+    stamps: dict[str, tuple[int, int, int] | None]
+
+
+def read_index(store: AdapterStore) -> StoreIndex:
+    """The store's index from its state.json files alone, never the weights. Needs no backbone, so a starting
+    server reads it while the backbone loads."""
+    # The generation is read first: a change made while we read is then caught by the next `sync`.
+    generation = store.generation()
+    entries: dict[str, TaskEntry] = {}
+    stamps: dict[str, tuple[int, int, int] | None] = {}
+    for scanned in store.scan():
+        stamps[scanned.task] = scanned.stamp
+        if scanned.error is not None:
+            log.warning("skipping task %r: %s", scanned.task, scanned.error)
+        elif scanned.record is not None:
+            entries[scanned.task] = _entry(scanned.record)
+    return StoreIndex(generation, entries, stamps)
 
 
 def _entry(record: TaskRecord) -> TaskEntry:

@@ -133,6 +133,10 @@ def _fault(exc: OSError) -> tuple[str, str]:
     return (f"{cause} ({detail})" if detail else cause), fix
 
 
+# (inode, mtime in ns, size) of a task's state.json: it changes with every commit, rollback or retire of the task.
+Stamp = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class TaskRecord:
     task: str
@@ -147,6 +151,14 @@ class TaskRecord:
         if v not in self.versions:
             raise ValueError(f"task {self.task!r} has no version {v} (has {list(self.versions)})")
         return self.task_dir / f"v{v}"
+
+
+@dataclass(frozen=True)
+class ScannedTask:
+    task: str
+    stamp: Stamp | None
+    record: TaskRecord | None
+    error: StoreError | None  # state.json is there but unreadable
 
 
 def _open_lock_file(path: Path) -> int:
@@ -246,9 +258,9 @@ def _is_dir_entry(entry: os.DirEntry) -> bool:
 
 
 def _is_complete(version_dir: str | Path) -> bool:
-    # os functions on strings, not pathlib: a server starting on 10,000 tasks runs this for every version of every
-    # task, and pathlib's object creation was most of that time.
-    return all(_is_file(os.path.join(version_dir, name)) for name in ADAPTER_FILES)
+    # On strings joined with "/" (the store is POSIX-only: it locks with fcntl), not pathlib or os.path.join: a
+    # server starting on 10,000 tasks runs this for every version of every task, and building paths was most of it.
+    return all(_is_file(f"{version_dir}/{name}") for name in ADAPTER_FILES)
 
 
 def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
@@ -401,7 +413,7 @@ class AdapterStore:
         return self.root / validate_task_name(task)
 
     @staticmethod
-    def _version_numbers(task_dir: Path) -> list[int]:
+    def _version_numbers(task_dir: str | Path) -> list[int]:
         """Every ``v<N>`` directory name present, complete or not (so numbering never collides with either)."""
         found = []
         with os.scandir(task_dir) as entries:  # the directory's own entry types: no stat per entry
@@ -411,40 +423,67 @@ class AdapterStore:
                     found.append(int(m.group(1)))
         return sorted(found)
 
-    def _complete_versions(self, task_dir: Path) -> tuple[int, ...]:
+    def _complete_versions(self, task_dir: str | Path) -> tuple[int, ...]:
         base = os.fspath(task_dir)
-        return tuple(v for v in self._version_numbers(task_dir) if _is_complete(os.path.join(base, f"v{v}")))
+        return tuple(v for v in self._version_numbers(task_dir) if _is_complete(f"{base}/v{v}"))
 
     @staticmethod
-    def _read_state(task_dir: Path) -> tuple[int, tuple[int, ...]] | None:
+    def _read_state(task_dir: str | Path) -> tuple[int, tuple[int, ...]] | None:
         """(current, history), or None when the task has no state.json (never made current, or gone)."""
-        path = task_dir / STATE_NAME
+        stamped = AdapterStore._read_stamped_state(os.fspath(task_dir))
+        return None if stamped is None else stamped[1]
+
+    @staticmethod
+    def _read_stamped_state(task_dir: str) -> tuple[Stamp, tuple[int, tuple[int, ...]]] | None:
+        """The stamp of state.json with what it says, both from one open file: state.json is only ever replaced
+        by a rename, so the two always belong together. None when the task has no state.json."""
+        path = f"{task_dir}/{STATE_NAME}"
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as file:
+                st = os.fstat(file.fileno())
+                raw = file.read()
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            return _parse_state(raw)
+            return (st.st_ino, st.st_mtime_ns, st.st_size), _parse_state(raw)
         except (ValueError, KeyError, TypeError) as e:
             # os.replace means we never produce this ourselves; someone edited the file by hand.
             raise StoreError(f"corrupt {path}: {e}") from e
 
     def _load(self, task: str) -> TaskRecord | None:
         """The served record of ``task``, or None when it is absent or has no complete current version."""
-        task_dir = self._task_dir(task)
+        return self._load_stamped(task)[1]
+
+    def _load_stamped(self, task: str) -> tuple[Stamp | None, TaskRecord | None]:
+        # On strings, not pathlib: a server starting on 10,000 tasks runs this for each, and building Path objects
+        # was a third of that time.
+        task_dir = f"{self.root}/{validate_task_name(task)}"
         try:
-            state = self._read_state(task_dir)
-            if state is None:
-                return None
+            stamped = self._read_stamped_state(task_dir)
+            if stamped is None:
+                return None, None
             versions = self._complete_versions(task_dir)
         except FileNotFoundError:
             # Retired (renamed away) between our reads.
-            return None
-        current, history = state
+            return None, None
+        stamp, (current, history) = stamped
         if current not in versions:
             log.warning("task %r: state.json names v%d, which is not a complete version; not serving", task, current)
-            return None
-        return TaskRecord(task=task, current=current, versions=versions, history=history, task_dir=task_dir)
+            return stamp, None
+        return stamp, TaskRecord(task=task, current=current, versions=versions, history=history,
+                                 task_dir=Path(task_dir))
+
+    def scan(self) -> Iterator[ScannedTask]:
+        """Every task directory, sorted: its state.json stamp and its served record (None when not servable), or
+        why its state cannot be read. One open, one listing and a stat per file of each version, per task:
+        what a server reads at start. Lock-free."""
+        for task in self._task_names():
+            try:
+                stamp, record = self._load_stamped(task)
+            except StoreError as e:
+                yield ScannedTask(task, self.state_stamp(task), None, e)
+                continue
+            yield ScannedTask(task, stamp, record, None)
 
     def _task_names(self) -> list[str]:
         names = []
@@ -480,7 +519,7 @@ class AdapterStore:
         """Names of the task directories present (servable or not), sorted. Lock-free."""
         return self._task_names()
 
-    def state_stamp(self, task: str) -> tuple[int, int, int] | None:
+    def state_stamp(self, task: str) -> Stamp | None:
         """(inode, mtime in ns, size) of the task's state.json, or None without one: it changes with every commit,
         rollback or retire of the task, because state.json is only ever replaced by a rename. Lock-free, one stat."""
         try:
@@ -547,9 +586,9 @@ class AdapterStore:
             # Every task is visited at each start: one unlink attempt, one read, one listing and a stat per file
             # of each version, on string paths (a store of 10,000 tasks recovers in well under a second).
             for name in self._task_names():
-                task_dir = self.root / name
+                task_dir = f"{self.root}/{name}"
                 try:
-                    os.unlink(os.path.join(task_dir, STATE_TMP_NAME))
+                    os.unlink(f"{task_dir}/{STATE_TMP_NAME}")
                     removed.append(f"{name}/{STATE_TMP_NAME}")
                 except FileNotFoundError:
                     pass
@@ -561,10 +600,10 @@ class AdapterStore:
                     continue
                 referenced = set(state[1]) if state else set()
                 for v in self._version_numbers(task_dir):
-                    version_dir = task_dir / f"v{v}"
+                    version_dir = f"{task_dir}/v{v}"
                     if v not in referenced and not _is_complete(version_dir):
-                        self._remove(version_dir)
-                        removed.append(str(version_dir.relative_to(self.root)))
+                        self._remove(Path(version_dir))
+                        removed.append(f"{name}/v{v}")
                     elif v in referenced and not _is_complete(version_dir):
                         log.warning("recover: task %r references incomplete v%d; keeping it", name, v)
         return removed
