@@ -15,8 +15,8 @@ once more: their first (cold) latency against their second (warm) one is what a 
 Throughput is compared with the same traffic over `--resident-tasks` (16) tasks, all in memory: that server runs
 beside the one under test, idle while the other is measured, and the two take turns pattern by pattern for
 `--rounds` rounds (medians), so both see the same machine. Each traffic phase also reads the server's own metrics
-(passes, rows and distinct tasks per pass, the share of the phase the inference thread spent in passes) and counts
-the requests that found their task outside host memory (an LRU of the host budget replayed over the requests).
+(passes, rows and distinct tasks per pass, the share of the phase the inference thread spent in passes, and the
+loads: the requests that found their task outside host memory).
 
 The last table runs `bench.generators` in this process: batches of 64 rows, each over 64 distinct tasks (drawn
 from a pool of 256 random adapters shaped like `mr`), through the engine and through the raw encoder (transformers'
@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -148,27 +147,9 @@ async def cold_loads(url: str, picked: list[str]) -> dict[str, Any]:
     return out
 
 
-class HostLru:
-    """The server's host tier as the client sees it: an LRU of `capacity` tasks over the requests it sent."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.order: OrderedDict[str, None] = OrderedDict()
-
-    def touch(self, task: str) -> bool:
-        """Record a request; True if its task was not in host memory (the request loads it)."""
-        if task in self.order:
-            self.order.move_to_end(task)
-            return False
-        self.order[task] = None
-        if len(self.order) > self.capacity:
-            self.order.popitem(last=False)
-        return True
-
-
 SERVER_SERIES = {"lpt_forward_duration_seconds_sum": "pass_s", "lpt_forward_duration_seconds_count": "passes",
                  "lpt_batch_size_sum": "rows", "lpt_batch_tasks_sum": "task_slots",
-                 "lpt_forward_cpu_seconds_total": "pass_cpu_s"}
+                 "lpt_forward_cpu_seconds_total": "pass_cpu_s", "lpt_adapter_loads_total": "loads"}
 
 
 def server_counters(url: str) -> dict[str, float]:
@@ -184,7 +165,7 @@ def server_counters(url: str) -> dict[str, float]:
 
 
 async def traffic(url: str, names: list[str], *, skew: float | None, concurrency: int, duration_s: float,
-                  seed: int = 0, lru: HostLru | None = None) -> dict[str, Any]:
+                  seed: int = 0) -> dict[str, Any]:
     """Closed-loop clients for `duration_s`; each request picks a task uniformly or by Zipf(skew) over rank."""
     rng = random.Random(seed)
     # Cumulative weights once: `choices` with plain weights sums all 10,000 of them again for every request, CPU
@@ -193,16 +174,12 @@ async def traffic(url: str, names: list[str], *, skew: float | None, concurrency
                                                                   for rank in range(len(names))))
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    cold = 0
     before = await asyncio.to_thread(server_counters, url)
     stop = time.monotonic() + duration_s
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal cold
         while time.monotonic() < stop:
             task = rng.choices(names, cum_weights=weights)[0] if weights else rng.choice(names)
-            if lru is not None and lru.touch(task):
-                cold += 1
             started = time.perf_counter()
             try:
                 async with session.post(f"{url}/classify/{task}", json={"text": rng.choice(TEXTS)}) as r:
@@ -229,7 +206,8 @@ async def traffic(url: str, names: list[str], *, skew: float | None, concurrency
     passes = max(delta["passes"], 1.0)
     return {"skew": skew, "requests": len(latencies), "rps": len(latencies) / elapsed, "errors": errors,
             "p50_ms": (pct(latencies, 0.5) or 0) * 1e3, "p99_ms": (pct(latencies, 0.99) or 0) * 1e3,
-            "cold_share": cold / max(1, len(latencies) + sum(errors.values())),
+            # The requests that found their task outside host memory, as the server counted its loads.
+            "cold_share": delta["loads"] / max(1, len(latencies) + sum(errors.values())),
             "passes": delta["passes"], "rows_per_pass": delta["rows"] / passes,
             "tasks_per_pass": delta["task_slots"] / passes, "pass_ms": delta["pass_s"] / passes * 1e3,
             "busy_share": delta["pass_s"] / elapsed, "pass_cpu_share": delta["pass_cpu_s"] / max(delta["pass_s"], 1e-9)}
@@ -273,18 +251,15 @@ def measure(tasks: int, args: argparse.Namespace, work: Path, resident: tuple[Se
     try:
         picked = random.Random(tasks).sample(names, min(args.cold, tasks))
         result["cold"] = asyncio.run(cold_loads(server.url, picked))
-        lru = HostLru(args.host_tasks)
-        for name in picked:
-            lru.touch(name)
         phases: dict[str, list[dict[str, Any]]] = {}
         for rnd in range(args.rounds):
             for pattern, skew in patterns(args).items():
-                turns = [("many", server.url, names, lru), ("resident", resident_server.url, resident_names, None)]
-                for who, url, pool, tier in (turns if rnd % 2 == 0 else turns[::-1]):
+                turns = [("many", server.url, names), ("resident", resident_server.url, resident_names)]
+                for who, url, pool in (turns if rnd % 2 == 0 else turns[::-1]):
                     log(f"{tasks} tasks, round {rnd + 1}/{args.rounds}: {pattern} on the {who} server")
                     phases.setdefault(f"{pattern}|{who}", []).append(asyncio.run(traffic(
                         url, pool, skew=skew, concurrency=args.concurrency, duration_s=args.duration,
-                        seed=1000 * rnd + (1 if skew else 0), lru=tier)))
+                        seed=1000 * rnd + (1 if skew else 0))))
         for pattern in patterns(args):
             many, base = phases[f"{pattern}|many"], phases[f"{pattern}|resident"]
             result[pattern] = summarize(many)

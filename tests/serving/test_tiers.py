@@ -101,23 +101,56 @@ async def test_loads_for_requests_run_one_at_a_time_on_one_thread(tiny_backbone,
     assert state["most"] == 1 and len(state["threads"]) == 1 and next(iter(state["threads"])).startswith("lpt-load")
 
 
-def test_host_memory_is_an_lru_over_its_budget_and_pinned_tasks_stay(tiny_backbone, store, tmp_path, loads):
+def test_host_memory_keeps_the_tasks_asked_for_most_within_its_budget_and_pinned_tasks_stay(
+        tiny_backbone, store, tmp_path, loads):
     one = one_adapter_bytes(tiny_backbone, tmp_path)
-    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 2.5), pinned=["a"])
+    kept: list[bool] = []
+    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 2.5), pinned=["a"], on_load=kept.append)
     registry.load_all()
+    assert kept == [True]  # the pinned task
+    kept.clear()
     held = registry.get("b").adapter
+    assert kept == [True]  # there was room
+    # c would push b out, and was not asked for more often than b: it answers its request and is not kept.
+    assert registry.get("c").task == "c" and kept == [True, False]
+    assert tiers(registry) == {"a": "cpu", "b": "cpu", "c": "disk", "d": "disk", "e": "disk"}
+    # Asked for again, c now outweighs b, the least recently used unpinned task, which leaves; a is pinned.
     registry.get("c")
-    # Three would be over 2.5: the least recently used unpinned one (b) left; a is pinned, c was just loaded.
+    assert kept == [True, False, True]
     assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "cpu", "d": "disk", "e": "disk"}
-    registry.get("c")
-    registry.get("d")
-    assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "disk", "d": "cpu", "e": "disk"}
     # A row still holding b's evicted adapter keeps a working module; asking again loads b anew.
     assert held.labels == ["neg", "pos"] and next(held.parameters()).numel() > 0
     again = registry.get("b")
     assert again.adapter is not held and again.version == 1
-    assert loads == ["a", "b", "c", "d", "b"]
-    assert tiers(registry)["a"] == "cpu"
+    assert loads == ["a", "b", "c", "c", "b"]
+    # b (asked twice) does not outweigh c (asked twice): c stays.
+    assert kept[-1] is False and tiers(registry)["c"] == "cpu" and tiers(registry)["a"] == "cpu"
+    for _ in range(2):
+        registry.get("d")
+    assert registry.location(registry.entry("d")) == "disk"  # asked for as often as c, not more
+    registry.get("d")
+    assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "disk", "d": "cpu", "e": "disk"}
+
+
+def test_under_skewed_traffic_host_memory_holds_the_popular_tasks(tiny_backbone, tmp_path):
+    """A few tasks asked for often among many asked for once each: with room for three, plain LRU would let every
+    one-off task push a popular one out (and load it again); the popular ones stay, the one-off ones pass."""
+    store = AdapterStore(tmp_path / "store")
+    names = [f"t{i}" for i in range(30)]
+    for i, task in enumerate(names):
+        store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / "src" / task))
+    one = one_adapter_bytes(tiny_backbone, tmp_path)
+    kept: list[bool] = []
+    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 3.5), on_load=kept.append)
+    registry.load_all()
+    popular, rare = names[:3], names[3:]
+    for task in popular * 3:
+        registry.get(task)
+    for i, task in enumerate(rare):
+        registry.get(task)
+        registry.get(popular[i % 3])
+    assert {t for t, where in tiers(registry).items() if where == "cpu"} == set(popular)
+    assert len(kept) == 3 + len(rare) and kept[3:] == [False] * len(rare)  # the popular tasks loaded once each
 
 
 def test_quarantine_survives_eviction_and_reload(tiny_backbone, store, tmp_path):
@@ -126,7 +159,8 @@ def test_quarantine_survives_eviction_and_reload(tiny_backbone, store, tmp_path)
     registry.load_all()
     first = registry.get("a").adapter
     assert [registry.record_failure(first, "boom") for _ in range(2)] == [False, True]
-    registry.get("b")  # a leaves host memory
+    registry.get("b")
+    registry.get("b")  # asked for more often than a now: a leaves host memory
     assert registry.location(registry.entry("a")) == "disk"
     reloaded = registry.get("a").adapter
     assert reloaded is not first

@@ -182,7 +182,7 @@ class Service:
         self.backbone, self.store, self._opened = backbone, opened.store, None
         self.registry = Registry(self.backbone, self.store, device_budget_bytes=int(c.device_budget_mb * 2**20),
                                  host_budget_bytes=int(c.host_budget_mb * 2**20), pinned=c.pinned_tasks,
-                                 quarantine_after=c.quarantine_after)
+                                 quarantine_after=c.quarantine_after, on_load=self._count_load)
         await asyncio.to_thread(self.registry.load_all, opened.index)
         self.metrics.tasks_served.set(len(self.registry.names()))
         self.metrics.store_generation.set(self.registry.generation)
@@ -201,6 +201,9 @@ class Service:
             log.warning("serving no tasks: the store %s is empty; upload one with `lpt upload TASK DIR`",
                         self.store.root)
         log.info("ready: %d tasks on %s (%s)", len(self.registry.names()), self.backbone.device, self.backbone.dtype)
+
+    def _count_load(self, kept: bool) -> None:
+        self.metrics.adapter_loads.labels("true" if kept else "false").inc()
 
     async def _warmup(self) -> None:
         served = self.registry.served()

@@ -260,7 +260,7 @@ def _is_dir_entry(entry: os.DirEntry) -> bool:
 def _is_complete(version_dir: str | Path) -> bool:
     # On strings joined with "/" (the store is POSIX-only: it locks with fcntl), not pathlib or os.path.join: a
     # server starting on 10,000 tasks runs this for every version of every task, and building paths was most of it.
-    return all(_is_file(f"{version_dir}/{name}") for name in ADAPTER_FILES)
+    return _is_file(f"{version_dir}/{CONFIG_NAME}") and _is_file(f"{version_dir}/{WEIGHTS_NAME}")
 
 
 def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
