@@ -588,10 +588,14 @@ def _copy_tree(module: nn.Module) -> nn.Module:
 
 def load_adapter(directory: str | Path, backbone) -> TaskAdapter:
     folder = Path(directory)
+    files = []
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder} has no {name}: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    return build_adapter((folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes(), backbone)
+        try:
+            files.append((folder / name).read_bytes())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise AdapterError(f"{folder} has no {name}: an adapter directory holds {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME}") from None
+    return build_adapter(*files, backbone)
 
 
 # ------------------------------------------------------------------------------------------------- compact

@@ -185,6 +185,10 @@ class Backbone(nn.Module):
         offset = int(getattr(self.config, "pad_token_id", 0) or 0) + 1 if self.config.model_type != "bert" else 0
         tok_max = int(getattr(tokenizer, "model_max_length", max_positions) or max_positions)
         self.max_length = min(tok_max, max_positions - offset)
+        # Where device and dtype are read: `Module.to` changes a parameter's data, not the object, so this one
+        # follows the encoder. Walking the module tree for its first parameter cost ~40 us a time, and every pass
+        # and every adapter load ask. In a tuple, so that nn.Module does not register it as a parameter of ours.
+        self._probe = (next(encoder.parameters()),)
         self._torch_runtime = TorchRuntime(encoder.embeddings, self.layers)
         self._runtime: EncoderRuntime = self._torch_runtime
         self.freeze()
@@ -318,11 +322,11 @@ class Backbone(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        return self._probe[0].device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.encoder.parameters()).dtype
+        return self._probe[0].dtype
 
     # ---------------------------------------------------------------------------------------------- tokenize
     def tokenize(self, texts: list[str], *, max_length: int | None = None) -> dict[str, torch.Tensor]:

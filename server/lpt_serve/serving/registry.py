@@ -36,6 +36,7 @@ rather than failing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -111,7 +112,8 @@ class ServedTask:
 
     @cached_property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.adapter.state_dict().values())
+        tensors = itertools.chain(self.adapter.parameters(), self.adapter.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Registry:
