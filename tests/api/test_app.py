@@ -451,3 +451,21 @@ async def test_answers_are_exactly_the_documented_bodies(server):
                                                                    {"task": "alpha", "text": "bad"}]})).json()
     assert MixedResponse.model_validate(mixed, strict=True).model_dump(mode="json") == mixed
     assert [p["task"] for p in mixed["predictions"]] == ["beta", "alpha"]
+
+
+async def test_a_server_process_freezes_what_its_start_allocated_and_an_embedded_app_does_not(tiny_backbone,
+                                                                                           store_root):
+    import gc
+
+    settings = Settings(store=store_root, admin_token=TOKEN, max_wait_ms=2)
+    assert gc.get_freeze_count() == 0
+    async with serving(create_app(settings, backbone=tiny_backbone)) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        assert gc.get_freeze_count() == 0  # tests and notebooks start apps again and again: nothing frozen
+    try:
+        async with serving(create_app(settings, backbone=tiny_backbone, server_process=True)) as client:
+            assert (await client.post("/classify/gamma", json={"text": "fine"})).status_code == 200
+            # The backbone's parameters, allocated at start, are out of the cyclic GC's sight now.
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -205,7 +206,7 @@ async def test_a_store_opened_while_the_backbone_loaded_catches_up_on_what_chang
 
     config = ServiceConfig(store=tmp_path / "store", warmup=False, sync_interval_s=0, seed_from=None)
     opened = open_store(config)
-    assert opened.index.entries == {}
+    assert opened.index.result(timeout=30).entries == {}
     # Another process commits after the index was read.
     AdapterStore(tmp_path / "store").commit_dir("late", make_adapter(tiny_backbone, "late").save(tmp_path / "late"))
     service = Service(config, backbone=tiny_backbone, opened=opened)
@@ -216,3 +217,43 @@ async def test_a_store_opened_while_the_backbone_loaded_catches_up_on_what_chang
         assert (await service.resolve("late")).version == 1
     finally:
         await service.stop()
+
+
+async def test_tasks_are_served_while_the_index_is_read_and_the_index_never_turns_one_back(tiny_backbone, tmp_path):
+    """A start does not wait for the store's index: requests meanwhile look their task up alone; listings wait for
+    the index; a task looked up (or changed) meanwhile is read again after the index, whatever the index saw."""
+    import concurrent.futures
+
+    from lpt_serve.serving.registry import read_index
+
+    root = tmp_path / "store"
+    writer = AdapterStore(root)
+    for i, task in enumerate(["a", "b"]):
+        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    registry = Registry(tiny_backbone, AdapterStore(root))
+    assert registry.load_all(pending) == {}
+    assert registry.indexing and registry.names() == []
+    assert (await registry.resolve("a")).version == 1  # looked up in the store alone
+    assert registry.entry("b").version == 1
+    with pytest.raises(TaskNotFound):
+        await registry.resolve("nope")
+    assert registry.sync(full=True) == []  # nothing to compare with yet: the index catches up when it comes
+    listing = asyncio.ensure_future(registry.indexed())
+    await asyncio.sleep(0.01)
+    assert not listing.done()
+    index = read_index(writer)  # read before the change below, as a slow read of 10,000 tasks would be
+    upload(registry_for(writer, tiny_backbone), tiny_backbone, "a", seed=7, tmp_path=tmp_path)  # another replica
+    pending.set_result(index)  # names a v1
+    await listing
+    assert not registry.indexing and registry.names() == ["a", "b"]
+    assert registry.entry("a").version == 2 and registry.get("a").version == 2
+    assert registry.entry("b").version == 1 and registry.generation == index.generation
+    assert registry.sync() == []  # a was read again already; the generation catches up with nothing to change
+    assert registry.generation == writer.generation()
+
+
+def registry_for(store: AdapterStore, backbone) -> Registry:
+    registry = Registry(backbone, store)
+    registry.load_all()
+    return registry

@@ -42,12 +42,13 @@ def dashboard_for(service: Service, **options) -> Dashboard:
 
 
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
-               opened_store: OpenedStore | None = None) -> FastAPI:
+               opened_store: OpenedStore | None = None, server_process: bool = False) -> FastAPI:
     """Build the app; pass `backbone` to reuse one already loaded (tests, benchmarks), `opened_store` for a store
     already opened with `open_store` (`lpt-serve` opens it while the backbone loads). The service's start makes
-    what is not given."""
+    what is not given. `server_process`: this app is what the process is for (see `Service.freeze_gc`)."""
     settings = settings or Settings()
     service = Service(settings.service_config(), backbone, opened_store)
+    service.freeze_gc = server_process
     dashboard = dashboard_for(service)
 
     @asynccontextmanager

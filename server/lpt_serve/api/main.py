@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         # Here, not in the lifespan, so a bad backbone or store ends with one sentence instead of a startup trace.
         config = settings.service_config()
         AdapterStore.make_root(config.store)
-        # The store opens (recovery, the index of every task) on a thread while the backbone loads here: with
-        # 10,000 tasks that is ~1.5 s the start does not wait for.
+        # The store opens (recovery, then its index starts being read on a thread of its own) while the backbone
+        # loads here. The server is ready when both are done, without waiting for the index (see Registry.load_all).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpt-store-open") as pool:
             opening = pool.submit(open_store, config)
             try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     except (BackboneError, StoreError) as exc:
         print(f"lpt-serve: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = create_app(settings, backbone=backbone, opened_store=opened)
+    app = create_app(settings, backbone=backbone, opened_store=opened, server_process=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout_s))
 

@@ -102,7 +102,7 @@ async def build_replica_app(args: dict[str, Any]) -> FastAPI:
         backbone = await asyncio.to_thread(load_backbone, config)
     except (BackboneError, StoreError) as exc:
         raise RuntimeError(f"lpt-serve replica: {exc.message}") from None
-    app = create_app(settings, backbone=backbone)
+    app = create_app(settings, backbone=backbone, server_process=True)
     app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
     return app
 

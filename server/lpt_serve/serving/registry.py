@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from lpt_serve.errors import AdapterError, StoreError, TaskFailed, TaskNotFound
+from lpt_serve.errors import AdapterError, LptServeError, StoreError, TaskFailed, TaskNotFound
 from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME, validate_task_name
 from lpt_serve.model.adapter import (
     AdapterConfig,
@@ -147,6 +147,10 @@ class Registry:
         # How often each task was asked for lately (see `_admit`), halved every `_aging_period()` requests.
         self._frequency: dict[str, int] = {}
         self._counted = 0
+        # Set while the index is still being read at start (see `load_all`): requests look their task up alone.
+        self._pending_index: Future | None = None
+        self._touched: set[str] = set()  # tasks looked up or changed here while the index was read
+        self._installed: Future = Future()  # settles once an index is served
         self.quarantine_after = quarantine_after
         self._health_lock = threading.Lock()  # the inference thread writes, the event loop reads
         self._health: dict[str, TaskHealth] = {}
@@ -159,22 +163,67 @@ class Registry:
         # dtype are narrowed once; a compact (fp16/bf16) adapter stays as stored, half the bytes, cast when it runs.
         return adapter.to_serving("cpu" if self.offload else self.device, self.backbone.dtype)
 
-    def load_all(self, index: StoreIndex | None = None) -> dict[str, str]:
-        """Serve what the store has committed: `index` (read by `read_index`, perhaps while the backbone loaded)
-        or the store's index read now; then load the pinned tasks. A pinned task that does not load is logged, not
-        fatal: its requests answer `TaskFailed`. Changes made after the index was read are caught by `sync`."""
+    def load_all(self, index: StoreIndex | Future | None = None) -> dict[str, str]:
+        """Serve what the store has committed: `index` (read by `read_index`), the store's index read now (None),
+        or, given the future of an index still being read, serve at once and take the index when it comes: a
+        request meanwhile looks its task up in the store alone (one state.json and a listing), so the time to
+        ready does not grow with the number of tasks. Then load the pinned tasks; one that does not load is
+        logged, not fatal: its requests answer `TaskFailed`. Changes made after the index was read are caught by
+        `sync`."""
+        if isinstance(index, Future):
+            if not index.done():
+                with self._host_lock:
+                    self._pending_index = index
+                index.add_done_callback(self._install_when_read)
+                return {}
+            index = index.result()
         if index is None:
             index = read_index(self.store)
+        return self._install(index)
+
+    def _install_when_read(self, read: Future) -> None:
+        # On the thread that finished reading the index.
+        try:
+            index = read.result()
+        except Exception:  # noqa: BLE001 - serving goes on task by task; a second read may still succeed
+            log.exception("reading the store's index failed; reading it again")
+            try:
+                index = read_index(self.store)
+            except Exception:  # noqa: BLE001
+                log.exception("reading the store's index failed again; tasks are looked up one by one until a "
+                              "restart")
+                return
+        try:
+            with self._mutate:
+                self._install(index)
+        except Exception:  # noqa: BLE001
+            log.exception("serving the store's index failed")
+
+    def _install(self, index: StoreIndex) -> dict[str, str]:
+        """Serve `index`. Tasks looked up or changed while it was being read are read again, after it, so the
+        index never turns them back to what it saw."""
         self.generation = index.generation
         self._stamps = dict(index.stamps)
         entries = dict(index.entries)
         with self._host_lock:
+            touched, self._touched = self._touched, set()
+            if self._pending_index is None:
+                self._host.clear()
+                self._host_bytes = 0
+                self._load_failures.clear()
+                with self._health_lock:
+                    self._health = {}
+            else:
+                # Serving began before this index: what requests loaded meanwhile stays.
+                for task in touched:
+                    if task in self._index:
+                        entries[task] = self._index[task]
+                    else:
+                        entries.pop(task, None)
+                self._pending_index = None
             self._index = entries
-            self._host.clear()
-            self._host_bytes = 0
-            self._load_failures.clear()
-        with self._health_lock:
-            self._health = {}
+        if touched:
+            self._reconcile(touched)
         errors: dict[str, str] = {}
         pinned = sorted(self.pinned & set(entries))
         for task in pinned:
@@ -183,7 +232,36 @@ class Registry:
             except TaskFailed as exc:
                 errors[task] = str(exc)
         log.info("indexed %d tasks; %d pinned in host memory", len(entries), len(pinned) - len(errors))
+        if not self._installed.done():
+            self._installed.set_result(None)
         return errors
+
+    @property
+    def indexing(self) -> bool:
+        """Whether the store's index is still being read (requests are served meanwhile; listings wait)."""
+        return self._pending_index is not None
+
+    async def indexed(self) -> None:
+        """Return once the store's index is served: a listing before that would miss tasks."""
+        await asyncio.wrap_future(self._installed)
+
+    def _look_up(self, task: str) -> TaskEntry | None:
+        """While the index is read: one task's entry from the store, served from now on."""
+        try:
+            record = self.store.record(task)
+        except (StoreError, LptServeError) as exc:  # an unreadable state.json, a name no task can have
+            log.debug("task %r: %s", task, exc)
+            record = None
+        with self._host_lock:
+            if self._pending_index is None:  # the index came meanwhile: it decides
+                return self._index.get(task)
+            self._touched.add(task)
+            if record is None:
+                return None
+            entry = self._index.get(task) or _entry(record)
+            if task not in self._index:
+                self._index = {**self._index, task: entry}
+            return entry
 
     @property
     def load_errors(self) -> dict[str, str]:
@@ -194,6 +272,11 @@ class Registry:
 
     def _claim(self, task: str) -> tuple[ServedTask | None, Future | None, TaskEntry | None]:
         """The loaded task; or the future of its load, with the entry to load when this caller must run it."""
+        with self._host_lock:
+            entry = self._index.get(task)
+            looking_up = entry is None and self._pending_index is not None
+        if looking_up and self._look_up(task) is not None:
+            return self._claim(task)
         with self._host_lock:
             entry = self._index.get(task)
             if entry is None:
@@ -349,6 +432,8 @@ class Registry:
     # ---------------------------------------------------------------------------------------------- lookup
     def entry(self, task: str) -> TaskEntry:
         entry = self._index.get(task)
+        if entry is None and self._pending_index is not None:
+            entry = self._look_up(task)
         if entry is None:
             raise TaskNotFound(f"task {task!r} is not served")
         return entry
@@ -445,6 +530,8 @@ class Registry:
         with self._mutate:
             self.store.retire(task)
             with self._host_lock:
+                if self._pending_index is not None:
+                    self._touched.add(task)
                 index = dict(self._index)
                 index.pop(task, None)
                 self._index = index
@@ -457,6 +544,8 @@ class Registry:
     def _swap(self, entry: TaskEntry, served: ServedTask) -> None:
         self._versions[served.adapter] = served.version
         with self._host_lock:
+            if self._pending_index is not None:
+                self._touched.add(entry.task)
             index = dict(self._index)
             index[entry.task] = entry
             self._index = index
@@ -477,6 +566,8 @@ class Registry:
         """Serve what the store holds now. Cheap when nothing changed (one small file read); `full` compares every
         task's stamp even then (a change whose generation bump failed, or files edited by hand). Returns the tasks
         whose served version changed, appeared or left. Blocking: call off the event loop."""
+        if self.indexing:
+            return []  # the index, when it comes, catches up from the generation it was read at
         if self.store.generation() == self.generation and not full:
             return []
         with self._mutate:
@@ -490,6 +581,8 @@ class Registry:
         # Under `_mutate`. Our own change bumped the store's generation: catch up now (our task reconciles to what we
         # just swapped in; any other task changed meanwhile is taken too), so /readyz reports the generation we serve
         # at once rather than after the next watch tick. The change itself is done: a failure here only logs.
+        if self.indexing:
+            return  # the index, when it comes, reads the changed task again (`_touched`)
         try:
             self._catch_up()
         except Exception:  # noqa: BLE001 - the change is committed and served here; never report it as failed

@@ -28,10 +28,12 @@ async def healthz() -> dict:
 
 @router.get("/readyz", responses=statuses(Unavailable))
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Readiness: backbone loaded, store indexed, one forward pass done. `store_generation` is the shared store's
-    generation this replica serves: replicas that report the same one serve the same task versions."""
+    """Readiness: backbone loaded, store open, one forward pass done. Right after a start the store's index may
+    still be being read (`indexing`: true; `tasks` counts what is indexed so far, `store_generation` is -1): every
+    task is served meanwhile, looked up alone. `store_generation` is the shared store's generation this replica
+    serves: replicas that report the same one serve the same task versions."""
     if not service.ready:
         return error_response(Unavailable("not ready", retry_after=1))
-    return JSONResponse({"status": "ok", "tasks": len(service.registry.names()),
+    return JSONResponse({"status": "ok", "tasks": len(service.registry.names()), "indexing": service.registry.indexing,
                          "store_generation": service.registry.generation,
                          "device": str(service.backbone.device), "dtype": str(service.backbone.dtype)})

@@ -100,6 +100,7 @@ async def list_tasks(
     """Every task in the store, a page at a time in name order; `next` is the cursor of the following page (null
     on the last). The training record is on `GET /tasks/{task}` only."""
     registry = service.resolve_registry()
+    await registry.indexed()  # right after a start the index may still be being read: a page must not miss tasks
     entries, next_cursor = await asyncio.to_thread(_page, registry, limit=limit, cursor=cursor, prefix=prefix,
                                                    tier=tier, label=label)
     if view == "full":
