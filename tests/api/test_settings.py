@@ -53,3 +53,19 @@ def test_a_rule_across_fields_is_reported_without_a_made_up_flag(tmp_path):
     assert done.returncode == 2
     assert "admin token (--admin-token / LPT_ADMIN_TOKEN) must be at least 8 characters" in done.stderr
     assert "--settings" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fastapis_opentelemetry_bridge_is_off_unless_asked_for(tmp_path):
+    import inspect
+
+    from fastapi import FastAPI
+
+    from lpt_serve.api.app import create_app
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        pytest.skip("this FastAPI has no native OpenTelemetry bridge")
+    quiet = create_app(Settings(store=tmp_path / "a"))
+    assert not quiet._native_telemetry.enabled()
+    assert quiet._telemetry["tracing"] is False and quiet._telemetry["metrics"] is False
+    asked = create_app(Settings(store=tmp_path / "b", opentelemetry=True))
+    assert asked._telemetry["tracing"] is True and asked._telemetry["metrics"] is True  # FastAPI's defaults

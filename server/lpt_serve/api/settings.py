@@ -79,6 +79,8 @@ class Settings(BaseSettings):
                                      "this long (the real forward, then sleep), as on an accelerator: cores stay free")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(True, description="one JSON object per log line")
+    opentelemetry: bool = Field(False, description="FastAPI's OpenTelemetry instrumentation: spans, metrics and logs "
+                                "per request to the globally configured providers (off: Prometheus only)")
 
     @field_validator("device")
     @classmethod
