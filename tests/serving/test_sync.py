@@ -257,3 +257,31 @@ def registry_for(store: AdapterStore, backbone) -> Registry:
     registry = Registry(backbone, store)
     registry.load_all()
     return registry
+
+
+async def test_a_service_is_ready_before_a_slow_index_and_counts_the_tasks_once_it_is_in(tiny_backbone, tmp_path):
+    import concurrent.futures
+
+    from lpt_serve.serving.registry import read_index
+    from lpt_serve.serving.service import OpenedStore, Service, ServiceConfig
+
+    root = tmp_path / "store"
+    writer = AdapterStore(root)
+    for i, task in enumerate(["a", "b"]):
+        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    slow_index: concurrent.futures.Future = concurrent.futures.Future()  # a store too large to read in time
+    config = ServiceConfig(store=root, warmup=False, sync_interval_s=0, seed_from=None)
+    service = Service(config, backbone=tiny_backbone, opened=OpenedStore(AdapterStore(root), slow_index))
+    await service.start()
+    try:
+        assert service.ready and service.registry.indexing
+        served = await service.resolve("b")
+        [prediction] = await service.classify([(served, "a fine day")])
+        assert prediction.task == "b"
+        assert service.metrics.registry.get_sample_value("lpt_tasks_served") == 0  # not counted before the index is in
+        slow_index.set_result(read_index(writer))
+        await service.registry.indexed()
+        await asyncio.sleep(0.01)
+        assert not service.registry.indexing and service.metrics.registry.get_sample_value("lpt_tasks_served") == 2
+    finally:
+        await service.stop()

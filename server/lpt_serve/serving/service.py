@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from lpt_serve.serving.store import AdapterStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long a start waits for the store's index before it serves without it (a few thousand tasks are read by then).
+INDEX_WAIT_S = 0.25
 
 # Requests up to this many characters are tokenised on the event loop: the fast tokenizer takes tens of
 # microseconds for them, less than handing the work to a thread and back. Longer ones go to a worker thread (the
@@ -203,8 +206,14 @@ class Service:
         self.registry = Registry(self.backbone, self.store, device_budget_bytes=int(c.device_budget_mb * 2**20),
                                  host_budget_bytes=int(c.host_budget_mb * 2**20), pinned=c.pinned_tasks,
                                  quarantine_after=c.quarantine_after, on_load=self._count_load)
+        # A small store is indexed in milliseconds: wait that long, so it is served as it always was, indexed at
+        # ready. A large one is served while its index is read (see `Registry.load_all`).
+        await asyncio.to_thread(futures.wait, [opened.index], timeout=INDEX_WAIT_S)
         await asyncio.to_thread(self.registry.load_all, opened.index)
-        self._indexing = asyncio.create_task(self._when_indexed(), name="lpt-index-wait")
+        if self.registry.indexing:
+            self._indexing = asyncio.create_task(self._when_indexed(), name="lpt-index-wait")
+        else:
+            self._indexed_now()
         workers = inference_workers(c, self.backbone)
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
                                max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics,
@@ -229,6 +238,9 @@ class Service:
         await self.registry.indexed()
         if self.freeze_gc:
             gc.freeze()  # the index's entries, too, live as long as the process
+        self._indexed_now()
+
+    def _indexed_now(self) -> None:
         self.metrics.tasks_served.set(len(self.registry.names()))
         self.metrics.store_generation.set(self.registry.generation)
         if not self.registry.names():
