@@ -310,6 +310,23 @@ def test_recover_runs_at_open(tmp_path: Path) -> None:
     assert list((tmp_path / ".tmp").iterdir()) == []
 
 
+def test_recovery_can_be_left_to_later_and_a_server_runs_it_before_its_index(tmp_path: Path) -> None:
+    from lpt_serve.serving.service import ServiceConfig, open_store
+
+    AdapterStore(tmp_path).commit("t", cfg(1), weights(1))
+    (tmp_path / ".tmp" / "stage-t-0").mkdir()
+    (tmp_path / "t" / "v7").mkdir()  # an incomplete version no state names
+    store = AdapterStore(tmp_path, recover=False)
+    assert (tmp_path / ".tmp" / "stage-t-0").exists() and store.get("t").current == 1  # reads need no recovery
+    store.recover_at_open()
+    assert list((tmp_path / ".tmp").iterdir()) == [] and not (tmp_path / "t" / "v7").exists()
+    (tmp_path / ".tmp" / "stage-t-1").mkdir()
+    (tmp_path / "t" / "v8").mkdir()
+    opened = open_store(ServiceConfig(store=tmp_path, seed_from=None))
+    assert list(opened.index.result(timeout=30).entries) == ["t"]
+    assert list((tmp_path / ".tmp").iterdir()) == [] and not (tmp_path / "t" / "v8").exists()
+
+
 def test_recover_keeps_referenced_version_even_if_incomplete(tmp_path: Path) -> None:
     s = AdapterStore(tmp_path)
     s.commit("t", cfg(1), weights(1))

@@ -8,7 +8,6 @@ import sys
 import textwrap
 import types
 import typing
-from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import ValidationError
 
@@ -107,14 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         # Here, not in the lifespan, so a bad backbone or store ends with one sentence instead of a startup trace.
         config = settings.service_config()
         AdapterStore.make_root(config.store)
-        # The store opens (recovery, then its index starts being read on a thread of its own) while the backbone
-        # loads here. The server is ready when both are done, without waiting for the index (see Registry.load_all).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpt-store-open") as pool:
-            opening = pool.submit(open_store, config)
-            try:
-                backbone = load_backbone(config)
-            finally:
-                opened = opening.result()
+        backbone = load_backbone(config)
+        # After the backbone, not beside it: the store's recovery and index (a walk of every task directory) run on
+        # a thread of their own while the server already serves, and beside the backbone's load they only made
+        # that slower (both are Python under one GIL).
+        opened = open_store(config)
     except (BackboneError, StoreError) as exc:
         print(f"lpt-serve: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -278,10 +278,12 @@ def _parse_state(raw: bytes) -> tuple[int, tuple[int, ...]]:
 
 
 class AdapterStore:
-    def __init__(self, root: Path | str, *, keep_versions: int | None = None):
+    def __init__(self, root: Path | str, *, keep_versions: int | None = None, recover: bool = True):
         """Open (creating it if needed) the store at ``root`` and recover from crashes, or open it read-only when
         it cannot be written (see "Faults" above). ``keep_versions``: versions kept per task after each commit,
-        the current one included (None keeps them all)."""
+        the current one included (None keeps them all). ``recover=False`` leaves recovery to a later
+        ``recover_at_open()`` (a server runs it on a thread, while it already serves: recovery holds the store's
+        lock, so a change waits for it, and it removes nothing a reader could be reading)."""
         if keep_versions is not None and (type(keep_versions) is not int or keep_versions < 1):
             raise ValueError(f"keep_versions must be None or at least 1, got {keep_versions!r}")
         self._locate(root, keep_versions, always_read_only=False)
@@ -291,8 +293,8 @@ class AdapterStore:
             cause, fix = self._unwritable
             log.warning("adapter store %s is read-only: %s. Serving what it holds without recovery; uploads, "
                         "rollbacks and retires fail until you %s", self.root, cause, fix)
-        else:
-            self._recover_at_open()
+        elif recover:
+            self.recover_at_open()
 
     @staticmethod
     def make_root(root: Path) -> None:
@@ -326,7 +328,11 @@ class AdapterStore:
         """Why the store took no changes when last checked (at open or at the last failed attempt), or None."""
         return None if self._unwritable is None else self._unwritable[0]
 
-    def _recover_at_open(self) -> None:
+    def recover_at_open(self) -> None:
+        """`recover`, as opening a store runs it: what it removed is logged, and a store found unwritable (now or
+        meanwhile) is left for a later recovery with a warning."""
+        if self._unwritable is not None:
+            return
         try:
             removed = self.recover()
         except StoreUnwritable as e:
@@ -360,7 +366,7 @@ class AdapterStore:
             self._unwritable = self._why_unwritable()
             if self._unwritable is None:
                 log.warning("adapter store %s is writable again", self.root)
-                self._recover_at_open()
+                self.recover_at_open()
         if self._unwritable is not None:
             cause, fix = self._unwritable
             raise StoreUnwritable(f"cannot {action}: the store {self.root} is read-only: {cause}; {fix}, then "
