@@ -285,3 +285,54 @@ async def test_a_service_is_ready_before_a_slow_index_and_counts_the_tasks_once_
         assert not service.registry.indexing and service.metrics.registry.get_sample_value("lpt_tasks_served") == 2
     finally:
         await service.stop()
+
+
+def test_a_pinned_task_gone_while_the_index_was_read_does_not_hang_the_install(tiny_backbone, tmp_path):
+    """The index names a pinned task's version that another replica removed meanwhile: loading it reconciles the
+    task (under the registry's change lock), which must not wait on the install that asked for the load."""
+    import concurrent.futures
+    import threading
+
+    from lpt_serve.serving.registry import read_index
+
+    root = tmp_path / "store"
+    writer = AdapterStore(root)
+    for i, task in enumerate(["a", "b"]):
+        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    registry = Registry(tiny_backbone, AdapterStore(root), pinned=["a"])
+    registry.load_all(pending)
+    index = read_index(writer)
+    writer.retire("a")
+    installing = threading.Thread(target=pending.set_result, args=(index,), daemon=True)
+    installing.start()
+    installing.join(timeout=30)
+    assert not installing.is_alive(), "the install hung"
+    assert registry.names() == ["b"] and not registry.indexing
+
+
+async def test_an_index_that_cannot_be_read_leaves_listings_answering_and_sync_reading_every_task(
+        tiny_backbone, tmp_path, monkeypatch):
+    import concurrent.futures
+
+    from lpt_serve.serving import registry as registry_module
+
+    root = tmp_path / "store"
+    writer = AdapterStore(root)
+    for i, task in enumerate(["a", "b"]):
+        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    registry = Registry(tiny_backbone, AdapterStore(root))
+    registry.load_all(pending)
+    assert (await registry.resolve("a")).task == "a"
+
+    def unreadable(store):
+        raise OSError("the disk is gone")
+
+    monkeypatch.setattr(registry_module, "read_index", unreadable)
+    pending.set_exception(OSError("the disk is gone"))
+    await asyncio.wait_for(registry.indexed(), timeout=10)  # listings answer with what is known
+    assert registry.names() == ["a"] and not registry.indexing
+    monkeypatch.undo()
+    assert sorted(registry.sync()) == ["b"]  # the watcher's next sync reads every task
+    assert registry.names() == ["a", "b"]

@@ -210,3 +210,36 @@ async def test_http_rows_of_an_evicted_task_still_run(tiny_backbone, store, tmp_
         assert [r.json()["task"] for r in responses] == NAMES
         service = app.state.service
         assert sum(1 for loc in tiers(service.registry).values() if loc == "cpu") == 1
+
+
+def test_a_request_for_a_task_in_memory_makes_it_the_most_recently_used_and_counts(tiny_backbone, store, tmp_path):
+    one = one_adapter_bytes(tiny_backbone, tmp_path)
+    registry = Registry(tiny_backbone, store, host_budget_bytes=int(one * 2.5))
+    registry.load_all()
+    registry.get("a")
+    registry.get("b")  # host memory: a, b (b most recent)
+    assert registry.hit("a").task == "a"  # a request answered from memory: a is now the most recent
+    assert registry.hit("e") is None  # not in memory: no answer, nothing counted
+    for _ in range(3):
+        registry.get("c")  # asked for more often than b, the least recently used now: b leaves, not a
+    assert tiers(registry) == {"a": "cpu", "b": "disk", "c": "cpu", "d": "disk", "e": "disk"}
+    assert registry.loaded("a") is not None and registry.location(registry.entry("a")) == "cpu"
+
+
+async def test_a_request_that_leaves_during_a_load_does_not_fail_the_others_waiting_on_it(tiny_backbone, store,
+                                                                                          monkeypatch):
+    real = registry_module.load_adapter
+
+    def slow(directory, backbone):
+        time.sleep(0.2)
+        return real(directory, backbone)
+
+    monkeypatch.setattr(registry_module, "load_adapter", slow)
+    registry = Registry(tiny_backbone, store)
+    registry.load_all()
+    staying = asyncio.ensure_future(registry.resolve("a"))  # runs the load
+    leaving = [asyncio.ensure_future(registry.resolve("a")) for _ in range(2)]  # wait on it
+    await asyncio.sleep(0.05)
+    leaving[0].cancel()
+    assert (await staying).task == "a" and (await leaving[1]).task == "a"
+    assert registry.loaded("a") is not None  # the load finished and was kept

@@ -52,8 +52,9 @@ class Metrics:
         self.adapter_events = Counter("lpt_adapter_events", "Uploads, rollbacks and retirements made here, and tasks "
                                       "changed by another replica (event=sync)", ["event"], registry=r)
         self.adapter_loads = Counter("lpt_adapter_loads", "Adapters read from the store because a request asked for "
-                                     "a task not in host memory; kept=false: used for those requests only, since "
-                                     "host memory keeps the tasks asked for more often", ["kept"], registry=r)
+                                     "a task not in host memory; kept=false: used for those requests only (host "
+                                     "memory keeps the tasks asked for more often, or the task changed meanwhile)",
+                                     ["kept"], registry=r)
         self.store_generation = Gauge("lpt_store_generation", "The shared store's generation this replica serves",
                                       registry=r)
 

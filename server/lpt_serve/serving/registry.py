@@ -13,9 +13,11 @@ version, the load hands over that version's object) and keeps that object, so an
 in-flight request runs. Evicting a task from host memory only drops the registry's reference: rows already queued
 hold the adapter object and still run.
 
-Host memory is an LRU over `host_budget_bytes`; pinned tasks load at start and never leave it. Placement on the
-accelerator follows vLLM's LoRA manager: the adapters used recently are also on the device, up to a byte budget
-(LRU), and pinned tasks never leave it. On a CPU-only server those two tiers are one. `acquire` is called only from
+Host memory holds loaded tasks within `host_budget_bytes`, in LRU order: a task loaded for a request stays if there
+is room, or if it was asked for more often lately than the least recently used task it would push out (TinyLFU's
+admission, see `_admit`); pinned tasks load at start and never leave it. Placement on the accelerator follows
+vLLM's LoRA manager: the adapters used recently are also on the device, up to a byte budget (LRU), and pinned
+tasks never leave it. On a CPU-only server those two tiers are one. `acquire` is called only from
 the inference thread, so moving a module between devices never races a forward pass.
 
 Quarantine: the inference thread reports each pass's failed and fully answered tasks; a served version that fails
@@ -179,27 +181,39 @@ class Registry:
             index = index.result()
         if index is None:
             index = read_index(self.store)
-        return self._install(index)
+        self._install(index)
+        errors = self._load_pinned()
+        if not self._installed.done():
+            self._installed.set_result(None)
+        return errors
 
     def _install_when_read(self, read: Future) -> None:
         # On the thread that finished reading the index.
         try:
             index = read.result()
-        except Exception:  # noqa: BLE001 - serving goes on task by task; a second read may still succeed
+        except Exception:  # noqa: BLE001 - serving goes on; a second read may still succeed
             log.exception("reading the store's index failed; reading it again")
             try:
                 index = read_index(self.store)
             except Exception:  # noqa: BLE001
-                log.exception("reading the store's index failed again; tasks are looked up one by one until a "
-                              "restart")
-                return
+                # Serve what was looked up so far, at generation -1: the store watcher's next sync compares every
+                # task with the store, which is reading the index again, retried at each tick until it works.
+                log.exception("reading the store's index failed again; the store watcher will read every task")
+                index = StoreIndex(-1, {}, {})
         try:
             with self._mutate:
                 self._install(index)
         except Exception:  # noqa: BLE001
-            log.exception("serving the store's index failed")
+            log.exception("serving the store's index failed; the store watcher will read every task")
+            with self._host_lock:
+                self._pending_index = None
+            self.generation = -1
+        # Pinned tasks load outside `_mutate`: a load that finds its version gone reconciles under it.
+        self._load_pinned()
+        if not self._installed.done():
+            self._installed.set_result(None)
 
-    def _install(self, index: StoreIndex) -> dict[str, str]:
+    def _install(self, index: StoreIndex) -> None:
         """Serve `index`. Tasks looked up or changed while it was being read are read again, after it, so the
         index never turns them back to what it saw."""
         self.generation = index.generation
@@ -224,16 +238,16 @@ class Registry:
             self._index = entries
         if touched:
             self._reconcile(touched)
+
+    def _load_pinned(self) -> dict[str, str]:
         errors: dict[str, str] = {}
-        pinned = sorted(self.pinned & set(entries))
+        pinned = sorted(self.pinned & set(self._index))
         for task in pinned:
             try:
                 self.get(task)
             except TaskFailed as exc:
                 errors[task] = str(exc)
-        log.info("indexed %d tasks; %d pinned in host memory", len(entries), len(pinned) - len(errors))
-        if not self._installed.done():
-            self._installed.set_result(None)
+        log.info("indexed %d tasks; %d pinned in host memory", len(self._index), len(pinned) - len(errors))
         return errors
 
     @property
@@ -243,7 +257,8 @@ class Registry:
 
     async def indexed(self) -> None:
         """Return once the store's index is served: a listing before that would miss tasks."""
-        await asyncio.wrap_future(self._installed)
+        # Shielded: a waiter cancelled (a client gone) must not cancel the future every other waiter shares.
+        await asyncio.shield(asyncio.wrap_future(self._installed))
 
     def _look_up(self, task: str) -> TaskEntry | None:
         """While the index is read: one task's entry from the store, served from now on."""
@@ -356,7 +371,8 @@ class Registry:
         A task not kept still answers the requests that asked for it, and a task asked for again and again soon
         outweighs the one it would replace."""
         held = self._host.get(task)
-        if self._host_bytes - (held.nbytes if held is not None else 0) + nbytes <= self.host_budget_bytes:
+        if task in self.pinned or (self._host_bytes - (held.nbytes if held is not None else 0) + nbytes
+                                   <= self.host_budget_bytes):
             return True
         victim = next((t for t in self._host if t != task and t not in self.pinned), None)
         return victim is None or self._frequency.get(task, 0) > self._frequency.get(victim, 0)
@@ -422,7 +438,9 @@ class Registry:
                 loop = asyncio.get_running_loop()
                 await asyncio.shield(loop.run_in_executor(self._loader, self._load, to_load, future))
             try:
-                return await asyncio.wrap_future(future)
+                # Shielded, for the same reason: a request cancelled meanwhile must not cancel the load's future
+                # for the other requests waiting on it (nor make the load's own `set_result` fail).
+                return await asyncio.shield(asyncio.wrap_future(future))
             except _Vanished:
                 if attempt:
                     raise
@@ -451,8 +469,19 @@ class Registry:
             loaded = dict(self._host)
         return [loaded[t] for t in sorted(loaded)]
 
+    def hit(self, task: str) -> ServedTask | None:
+        """`loaded`, for a request: the task counts as asked for (see `_admit`) and as the most recently used."""
+        with self._host_lock:
+            entry = self._index.get(task)
+            served = self._host.get(task)
+            if entry is None or served is None or served.version != entry.version:
+                return None
+            self._count(task)
+            self._host.move_to_end(task)
+            return served
+
     def loaded(self, task: str) -> ServedTask | None:
-        """The task's current version if it is in memory; never loads."""
+        """The task's current version if it is in memory; never loads, counts nothing (listings use it)."""
         entry = self._index.get(task)
         served = self._host.get(task)
         if entry is None or served is None or served.version != entry.version:

@@ -228,6 +228,7 @@ class Service:
             self._watcher = asyncio.create_task(self._watch_store(), name="lpt-store-watch")
         self.ready = True
         if self.freeze_gc:
+            gc.collect()  # what is garbage now would never be collected once frozen
             gc.freeze()
         if self.registry.indexing:
             log.info("ready on %s (%s); the store's index is still being read: requests look their task up in the "
@@ -239,6 +240,7 @@ class Service:
     async def _when_indexed(self) -> None:
         await self.registry.indexed()
         if self.freeze_gc:
+            gc.collect()
             gc.freeze()  # the index's entries, too, live as long as the process
         self._indexed_now()
 
@@ -333,7 +335,7 @@ class Service:
         if not self.ready or self.registry is None:
             raise _starting()
         self._refuse_if_quarantined(task, self.registry.entry(task).version)  # held out: not worth a load
-        served = self.registry.loaded(task) or await self.registry.resolve(task)
+        served = self.registry.hit(task) or await self.registry.resolve(task)
         self._refuse_if_quarantined(task, served.version)  # the version the load handed over
         return served
 

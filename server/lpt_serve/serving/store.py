@@ -489,6 +489,9 @@ class AdapterStore:
             except StoreError as e:
                 yield ScannedTask(task, self.state_stamp(task), None, e)
                 continue
+            except OSError as e:  # one unreadable task (permissions, I/O) must not keep the others from serving
+                yield ScannedTask(task, None, None, StoreError(f"cannot read task {task!r}: {e}"))
+                continue
             yield ScannedTask(task, stamp, record, None)
 
     def _task_names(self) -> list[str]:

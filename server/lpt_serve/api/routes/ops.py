@@ -29,7 +29,8 @@ async def healthz() -> dict:
 @router.get("/readyz", responses=statuses(Unavailable))
 async def readyz(service: ServiceDep) -> JSONResponse:
     """Readiness: backbone loaded, store open, one forward pass done. Right after a start the store's index may
-    still be being read (`indexing`: true; `tasks` counts what is indexed so far, `store_generation` is -1): every
+    still be being read (`indexing`: true; `tasks` counts only the tasks looked up so far, `store_generation` is
+    -1): every
     task is served meanwhile, looked up alone. `store_generation` is the shared store's generation this replica
     serves: replicas that report the same one serve the same task versions."""
     if not service.ready:
