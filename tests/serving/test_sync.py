@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import threading
 
 import pytest
 import torch
 
 from lpt_serve.errors import TaskNotFound
 from lpt_serve.model.engine import classify_rows, encode_texts
+from lpt_serve.serving import registry as registry_module
 from lpt_serve.serving import store as store_module
-from lpt_serve.serving.registry import Registry
+from lpt_serve.serving.registry import Registry, read_index
+from lpt_serve.serving.service import OpenedStore, Service, ServiceConfig, open_store
 from lpt_serve.serving.store import AdapterStore
 from tests.helpers import adapter_files, make_adapter
+
+
+def two_task_store(backbone, tmp_path) -> AdapterStore:
+    """A store at tmp_path/store holding tasks a and b, v1 each."""
+    store = AdapterStore(tmp_path / "store")
+    for i, task in enumerate(["a", "b"]):
+        store.commit_dir(task, make_adapter(backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    return store
 
 
 @pytest.fixture
 def replicas(tiny_backbone, tmp_path):
     """Two registries over one store root, each with its own AdapterStore object, as two processes would have."""
-    root = tmp_path / "store"
-    seed_store = AdapterStore(root)
-    for i, task in enumerate(["a", "b"]):
-        seed_store.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    root = two_task_store(tiny_backbone, tmp_path).root
     pair = []
     for _ in range(2):
         registry = Registry(tiny_backbone, AdapterStore(root))
@@ -200,10 +209,8 @@ def test_a_task_retired_before_its_load_answers_not_found(replicas):
 
 
 async def test_a_store_opened_while_the_backbone_loaded_catches_up_on_what_changed_since(tiny_backbone, tmp_path):
-    """`lpt-serve` opens the store and reads its index while the backbone loads: a change made between that read and
-    the start must reach the started service at its first sync, not be lost."""
-    from lpt_serve.serving.service import Service, ServiceConfig, open_store
-
+    """`lpt-serve` reads the store's index on a thread of its own, before the service starts: a change made between
+    that read and the start must reach the started service at its first sync, not be lost."""
     config = ServiceConfig(store=tmp_path / "store", warmup=False, sync_interval_s=0, seed_from=None)
     opened = open_store(config)
     assert opened.index.result(timeout=30).entries == {}
@@ -222,14 +229,8 @@ async def test_a_store_opened_while_the_backbone_loaded_catches_up_on_what_chang
 async def test_tasks_are_served_while_the_index_is_read_and_the_index_never_turns_one_back(tiny_backbone, tmp_path):
     """A start does not wait for the store's index: requests meanwhile look their task up alone; listings wait for
     the index; a task looked up (or changed) meanwhile is read again after the index, whatever the index saw."""
-    import concurrent.futures
-
-    from lpt_serve.serving.registry import read_index
-
-    root = tmp_path / "store"
-    writer = AdapterStore(root)
-    for i, task in enumerate(["a", "b"]):
-        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    writer = two_task_store(tiny_backbone, tmp_path)
+    root = writer.root
     pending: concurrent.futures.Future = concurrent.futures.Future()
     registry = Registry(tiny_backbone, AdapterStore(root))
     assert registry.load_all(pending) == {}
@@ -260,15 +261,8 @@ def registry_for(store: AdapterStore, backbone) -> Registry:
 
 
 async def test_a_service_is_ready_before_a_slow_index_and_counts_the_tasks_once_it_is_in(tiny_backbone, tmp_path):
-    import concurrent.futures
-
-    from lpt_serve.serving.registry import read_index
-    from lpt_serve.serving.service import OpenedStore, Service, ServiceConfig
-
-    root = tmp_path / "store"
-    writer = AdapterStore(root)
-    for i, task in enumerate(["a", "b"]):
-        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    writer = two_task_store(tiny_backbone, tmp_path)
+    root = writer.root
     slow_index: concurrent.futures.Future = concurrent.futures.Future()  # a store too large to read in time
     config = ServiceConfig(store=root, warmup=False, sync_interval_s=0, seed_from=None)
     service = Service(config, backbone=tiny_backbone, opened=OpenedStore(AdapterStore(root), slow_index))
@@ -290,15 +284,8 @@ async def test_a_service_is_ready_before_a_slow_index_and_counts_the_tasks_once_
 def test_a_pinned_task_gone_while_the_index_was_read_does_not_hang_the_install(tiny_backbone, tmp_path):
     """The index names a pinned task's version that another replica removed meanwhile: loading it reconciles the
     task (under the registry's change lock), which must not wait on the install that asked for the load."""
-    import concurrent.futures
-    import threading
-
-    from lpt_serve.serving.registry import read_index
-
-    root = tmp_path / "store"
-    writer = AdapterStore(root)
-    for i, task in enumerate(["a", "b"]):
-        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    writer = two_task_store(tiny_backbone, tmp_path)
+    root = writer.root
     pending: concurrent.futures.Future = concurrent.futures.Future()
     registry = Registry(tiny_backbone, AdapterStore(root), pinned=["a"])
     registry.load_all(pending)
@@ -313,14 +300,8 @@ def test_a_pinned_task_gone_while_the_index_was_read_does_not_hang_the_install(t
 
 async def test_an_index_that_cannot_be_read_leaves_listings_answering_and_sync_reading_every_task(
         tiny_backbone, tmp_path, monkeypatch):
-    import concurrent.futures
-
-    from lpt_serve.serving import registry as registry_module
-
-    root = tmp_path / "store"
-    writer = AdapterStore(root)
-    for i, task in enumerate(["a", "b"]):
-        writer.commit_dir(task, make_adapter(tiny_backbone, task, seed=i).save(tmp_path / f"seed-{task}"))
+    writer = two_task_store(tiny_backbone, tmp_path)
+    root = writer.root
     pending: concurrent.futures.Future = concurrent.futures.Future()
     registry = Registry(tiny_backbone, AdapterStore(root))
     registry.load_all(pending)
