@@ -45,7 +45,7 @@ def dashboard_for(service: Service, **options) -> Dashboard:
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
                opened_store: OpenedStore | None = None, server_process: bool = False) -> FastAPI:
     """Build the app; pass `backbone` to reuse one already loaded (tests, benchmarks), `opened_store` for a store
-    already opened with `open_store` (`lpt-serve` opens it while the backbone loads). The service's start makes
+    already opened with `open_store` (`lpt-serve` opens it once the backbone is loaded). The service's start makes
     what is not given. `server_process`: this app is what the process is for (see `Service.freeze_gc`)."""
     settings = settings or Settings()
     service = Service(settings.service_config(), backbone, opened_store)

@@ -792,7 +792,7 @@ class StoreIndex:
 
 def read_index(store: AdapterStore) -> StoreIndex:
     """The store's index from its state.json files alone, never the weights. Needs no backbone, so a starting
-    server reads it while the backbone loads."""
+    server reads it on a thread of its own (`service.open_store`) while it already serves."""
     # The generation is read first: a change made while we read is then caught by the next `sync`.
     generation = store.generation()
     entries: dict[str, TaskEntry] = {}

@@ -200,8 +200,8 @@ class Service:
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         c = self.config
-        # The two slow parts of a start need nothing of each other: loading the backbone, and opening the store
-        # (recovery, then every task's state.json: ~1.5 s for 10,000 tasks). They run at once.
+        # Made here when not given (tests, notebooks): the backbone, and the store, whose recovery and index
+        # `open_store` starts on a thread of its own.
         backbone, opened = await asyncio.gather(
             _given_or(self.backbone, load_backbone, c), _given_or(self._opened, open_store, c))
         self.backbone, self.store, self._opened = backbone, opened.store, None
@@ -227,9 +227,7 @@ class Service:
         if c.sync_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch_store(), name="lpt-store-watch")
         self.ready = True
-        if self.freeze_gc:
-            gc.collect()  # what is garbage now would never be collected once frozen
-            gc.freeze()
+        self._freeze_gc()
         if self.registry.indexing:
             log.info("ready on %s (%s); the store's index is still being read: requests look their task up in the "
                      "store meanwhile", self.backbone.device, self.backbone.dtype)
@@ -239,10 +237,13 @@ class Service:
 
     async def _when_indexed(self) -> None:
         await self.registry.indexed()
-        if self.freeze_gc:
-            gc.collect()
-            gc.freeze()  # the index's entries, too, live as long as the process
+        self._freeze_gc()  # the index's entries, too, live as long as the process
         self._indexed_now()
+
+    def _freeze_gc(self) -> None:
+        if self.freeze_gc:
+            gc.collect()  # what is garbage now would never be collected once frozen
+            gc.freeze()
 
     def _indexed_now(self) -> None:
         self.metrics.tasks_served.set(len(self.registry.names()))
