@@ -14,9 +14,12 @@ once more: their first (cold) latency against their second (warm) one is what a 
 
 Throughput is compared with the same traffic over `--resident-tasks` (16) tasks, all in memory: that server runs
 beside the one under test, idle while the other is measured, and the two take turns pattern by pattern for
-`--rounds` rounds (medians), so both see the same machine. Each traffic phase also reads the server's own metrics
-(passes, rows and distinct tasks per pass, the share of the phase the inference thread spent in passes, and the
-loads: the requests that found their task outside host memory).
+`--rounds` rounds (medians), so both see the same machine. Patterns run one after the other, each first warming
+the server under test with `--warmup` seconds of its own traffic (not counted; its cold share is in the JSON):
+host memory starts empty, and a server runs for hours, so the figure is the steady state, not the minute after a
+start or after a different pattern filled host memory with other tasks. Each traffic phase also reads the
+server's own metrics (passes, rows and distinct tasks per pass, the share of the phase the inference thread spent
+in passes, and the loads: the requests that found their task outside host memory).
 
 The last table runs `bench.generators` in this process: batches of 64 rows, each over 64 distinct tasks (drawn
 from a pool of 256 random adapters shaped like `mr`), through the engine and through the raw encoder (transformers'
@@ -252,8 +255,13 @@ def measure(tasks: int, args: argparse.Namespace, work: Path, resident: tuple[Se
         picked = random.Random(tasks).sample(names, min(args.cold, tasks))
         result["cold"] = asyncio.run(cold_loads(server.url, picked))
         phases: dict[str, list[dict[str, Any]]] = {}
-        for rnd in range(args.rounds):
-            for pattern, skew in patterns(args).items():
+        warmups: dict[str, dict[str, Any]] = {}
+        for pattern, skew in patterns(args).items():
+            if args.warmup > 0:
+                log(f"{tasks} tasks: {args.warmup:.0f} s of {pattern} traffic to warm the many server (not counted)")
+                warmups[pattern] = asyncio.run(traffic(server.url, names, skew=skew, concurrency=args.concurrency,
+                                                       duration_s=args.warmup, seed=999))
+            for rnd in range(args.rounds):
                 turns = [("many", server.url, names), ("resident", resident_server.url, resident_names)]
                 for who, url, pool in (turns if rnd % 2 == 0 else turns[::-1]):
                     log(f"{tasks} tasks, round {rnd + 1}/{args.rounds}: {pattern} on the {who} server")
@@ -264,6 +272,7 @@ def measure(tasks: int, args: argparse.Namespace, work: Path, resident: tuple[Se
             many, base = phases[f"{pattern}|many"], phases[f"{pattern}|resident"]
             result[pattern] = summarize(many)
             result[pattern]["resident"] = summarize(base)
+            result[pattern]["warmup"] = warmups.get(pattern)
             # Each round's two phases ran back to back on the same machine: their ratio cancels what the machine did
             # meanwhile (single phases here vary by +-30% from round to round), so the figure is the median ratio.
             result[pattern]["vs_resident"] = statistics.median(
@@ -318,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-runs", type=int, default=3, help="starts per store for the time to ready (median)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=None, help="seconds per traffic phase")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of each pattern's traffic on the many server before its rounds (default 20)")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the skewed traffic")
     parser.add_argument("--cold", type=int, default=200, help="tasks picked at random for a first (cold) request")
     parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default=None,
@@ -333,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or ([100, 1000] if args.quick else [100, 1000, 10_000])
     args.duration = args.duration or (3.0 if args.quick else 15.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.warmup = (3.0 if args.quick else 20.0) if args.warmup is None else args.warmup
     if args.quick:
         args.cold, args.pass_reps, args.pass_batches, args.ready_runs = min(args.cold, 10), 1, 2, 1
 

@@ -21,6 +21,7 @@ from lpt_serve.model.adapter import (
     build_adapter,
     check_adapter,
     load_adapter,
+    module_tensors,
 )
 from lpt_serve.model.backbone import Backbone, additive_mask
 from lpt_serve.model.engine import classify_rows, encode_texts, pad_rows
@@ -272,6 +273,18 @@ def test_loads_of_one_structure_share_nothing(tiny_mlm_backbone, zoo, tmp_path):
         assert len(first.generator._forward_hooks) == 1
         enc = encode_texts(bb, ["a good film"], adapter.config.template)
         torch.testing.assert_close(classify_rows(bb, [second], enc)[0], classify_rows(bb, [second_adapter], enc)[0])
+
+
+def test_an_adapters_tensors_are_its_parameters_and_buffers(zoo):
+    for adapter in zoo:
+        expected = [*adapter.parameters(), *adapter.buffers()]
+        assert {id(t) for t in module_tensors(adapter)} == {id(t) for t in expected}
+        assert len(module_tensors(adapter)) == len(expected)
+        assert {id(t) for t in module_tensors(adapter, buffers=False)} == {id(p) for p in adapter.parameters()}
+        assert adapter.nbytes() == sum(t.numel() * t.element_size() for t in expected)
+    shared = nn.Sequential(nn.Linear(2, 2))
+    shared.append(shared[0])  # one module twice: its tensors once
+    assert len(module_tensors(shared)) == 2
 
 
 def test_a_change_of_dropout_or_size_builds_another_structure(tiny_backbone, tmp_path):

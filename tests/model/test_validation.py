@@ -29,7 +29,11 @@ from lpt_serve.model.adapter import (
     expected_shapes,
     label_word_ids,
     max_template_tokens,
+    parse_weights,
+    read_config,
     read_header,
+    read_weights,
+    stored_values_finite,
     value_problems,
 )
 from lpt_serve.model.engine import classify_rows, encode_texts
@@ -165,6 +169,14 @@ def _with_header(header: dict, body: bytes = b"") -> bytes:
          "tensor 'a' has a malformed header entry"),
         (_with_header({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
          "tensor 'a' has unknown dtype 'Q9'"),
+        # The tensors must tile the data section: a parse that views the file's bytes relies on it.
+        (_with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+         "its tensors leave a gap in the data"),
+        (_with_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+         "its tensors overlap in the data"),
+        (_with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+         "4 bytes after the last tensor belong to none"),
     ],
 )
 def test_inconsistent_headers_are_refused(data, expected):
@@ -249,3 +261,93 @@ def test_every_accepted_template_gives_rows_that_fit_and_run(tiny_mlm_backbone, 
                                            if t == bb.tokenizer.mask_token_id)
     probs = classify_rows(bb, [adapter] * len(encoded), encoded)
     assert all(bool(torch.isfinite(p).all()) for p in probs)
+
+
+# ------------------------------------------------------------------------------------------ reading weights
+def _mixed_weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+            "bf16": torch.randn(2, 3, generator=g).bfloat16(), "f64": torch.randn(4, generator=g).double(),
+            "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+
+
+@pytest.mark.parametrize("weights", [
+    _mixed_weights(),
+    {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(4)},  # one dtype
+    {"w": torch.ones(3), "ids": torch.arange(5)},  # an integer tensor: the library's parse
+], ids=["mixed", "fp32", "with-integers"])
+def test_weights_parse_as_the_safetensors_library_parses_them(weights):
+    data = save(weights, metadata={"format": "pt"})
+    expected = load(data)
+    for buffer in (data, bytearray(data), memoryview(bytearray(data))):
+        parsed = parse_weights(buffer)
+        assert parsed.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert parsed[name].dtype == tensor.dtype and parsed[name].shape == tensor.shape
+            assert torch.equal(parsed[name], tensor), name
+
+
+def test_floating_weights_are_views_of_the_buffer_they_were_read_into(tmp_path):
+    """No copy per tensor: every floating point tensor of a file read by `read_weights` lies inside its buffer."""
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(save({"a": torch.randn(16, 8), "b": torch.randn(8).half()}, metadata={"format": "pt"}))
+    buffer = read_weights(path)
+    assert bytes(buffer) == path.read_bytes()
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    for tensor in parse_weights(buffer).values():
+        assert start <= tensor.data_ptr() < tensor.data_ptr() + tensor.nbytes <= start + len(buffer)
+
+
+def test_a_header_that_leaves_tensors_unaligned_parses_as_the_library_does():
+    weights = {"a": torch.randn(3), "b": torch.randn(2).double()}
+    data = save(weights, metadata={"format": "pt"})
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].rstrip(b" ") + b" "  # padded to an odd length: every tensor starts unaligned
+    if len(header) % 2 == 0:
+        header += b" "
+    shifted = len(header).to_bytes(8, "little") + header + data[8 + size:]
+    assert all(offset % 2 for _, offset in adapter_module._layout(shifted).values())
+    for name, tensor in parse_weights(shifted).items():
+        assert torch.equal(tensor, weights[name])
+
+
+def test_a_weights_file_is_read_whole_whatever_its_size_said(tmp_path, monkeypatch):
+    """The size `read_weights` allocates for comes from fstat; a file longer or shorter than it said (never in a
+    store, whose files are written once) is still read as it is."""
+    path = tmp_path / "w.safetensors"
+    data = save(_mixed_weights(), metadata={"format": "pt"})
+    path.write_bytes(data)
+    real = adapter_module.os.fstat
+    for lie in (-100, +100):
+        monkeypatch.setattr(adapter_module.os, "fstat",
+                            lambda fd, lie=lie: type("Stat", (), {"st_size": real(fd).st_size + lie})())
+        assert bytes(read_weights(path)) == data
+    monkeypatch.setattr(adapter_module.os, "fstat", real)
+
+
+def test_a_config_file_is_read_up_to_one_byte_past_its_cap(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b" " * (3 * MAX_CONFIG_BYTES))
+    assert len(read_config(path)) == MAX_CONFIG_BYTES + 1  # enough for the size check to refuse it
+    path.write_bytes(b'{"a": 1}')
+    assert read_config(path) == b'{"a": 1}'
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "bf16", "f64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, -1])
+def test_the_stored_values_check_finds_every_non_finite_value(name, bad, where):
+    weights = _mixed_weights()
+    flat = weights[name].view(-1)
+    flat[where] = bad
+    data = save(weights, metadata={"format": "pt"})
+    layout = adapter_module._layout(data)
+    assert stored_values_finite(data, layout) is False
+    fine = save(_mixed_weights())
+    assert stored_values_finite(fine, adapter_module._layout(fine)) is True
+    # One dtype, one span over the whole data section: a value in the last tensor's last place is still read.
+    one = {"a": torch.ones(4, dtype=weights[name].dtype), "b": torch.ones(3, dtype=weights[name].dtype)}
+    one["b"][where] = bad
+    data = save(one)
+    assert stored_values_finite(data, adapter_module._layout(data)) is False
+    assert value_problems(parse_weights(data), torch.float32) == ["tensor 'b' holds NaN or infinite values"]

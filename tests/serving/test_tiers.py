@@ -243,3 +243,21 @@ async def test_a_request_that_leaves_during_a_load_does_not_fail_the_others_wait
     leaving[0].cancel()
     assert (await staying).task == "a" and (await leaving[1]).task == "a"
     assert registry.loaded("a") is not None  # the load finished and was kept
+
+
+async def test_a_load_that_fails_after_reading_settles_its_waiters_and_the_next_request_loads_again(
+        tiny_backbone, store, loads):
+    """Loads run on the loader thread and nobody awaits that thread's own result: whatever fails after the weights
+    are read must still answer the requests waiting on the load, not leave them waiting for ever."""
+    registry = Registry(tiny_backbone, store)
+    registry.load_all()
+
+    def broken(task, nbytes):
+        raise RuntimeError("bookkeeping broke")
+
+    registry._admit = broken  # on the instance alone; deleted below
+    outcomes = await asyncio.wait_for(asyncio.gather(*(registry.resolve("a") for _ in range(3)),
+                                                     return_exceptions=True), timeout=30)
+    assert [type(o) for o in outcomes] == [RuntimeError] * 3 and loads == ["a"]
+    del registry._admit
+    assert (await asyncio.wait_for(registry.resolve("a"), timeout=30)).task == "a" and loads == ["a", "a"]

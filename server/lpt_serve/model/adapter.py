@@ -17,9 +17,10 @@ pass's dtype when it runs.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,11 @@ class TaskAdapter(nn.Module):
         return self.config.labels
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in module_tensors(self, buffers=False))
+
+    def nbytes(self) -> int:
+        """Bytes of its parameters and buffers."""
+        return sum(t.numel() * t.element_size() for t in module_tensors(self))
 
     def generate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return _run_in(self.generator, hidden.dtype, hidden, mask)
@@ -198,7 +203,7 @@ class TaskAdapter(nn.Module):
     @property
     def storage_dtypes(self) -> set[torch.dtype]:
         """The dtypes its weights are kept in: {float32}, or {float16} / {bfloat16} for a compact adapter."""
-        return {p.dtype for p in self.parameters()}
+        return {p.dtype for p in module_tensors(self, buffers=False)}
 
     def to_serving(self, device: torch.device | str, dtype: torch.dtype) -> TaskAdapter:
         """Moved to `device`, in place, for a server whose passes run in `dtype`: weights wider than `dtype` (fp32
@@ -207,9 +212,9 @@ class TaskAdapter(nn.Module):
         device = torch.device(device)
         # Module.to walks every module in Python even when nothing moves; a server loading tens of adapters a
         # second straight into CPU memory skips that walk.
-        if any(t.device != device for t in itertools.chain(self.parameters(), self.buffers())):
+        if any(t.device != device for t in module_tensors(self)):
             self.to(device)
-        for p in self.parameters():
+        for p in module_tensors(self, buffers=False):
             if p.is_floating_point() and p.dtype.itemsize > dtype.itemsize:
                 p.data = p.data.to(dtype)
         return self
@@ -228,10 +233,29 @@ class TaskAdapter(nn.Module):
         return out
 
 
+def module_tensors(module: nn.Module, *, buffers: bool = True) -> list[torch.Tensor]:
+    """The parameters (and buffers) of `module` and its submodules, each once. What `parameters()` gives, without
+    its generic walk (named_modules, prefixes, a set of members): an adapter is asked for its tensors on every
+    load and every pass, and that walk was the larger part of the asking."""
+    found: dict[int, torch.Tensor] = {}
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        for tensor in current._parameters.values():
+            if tensor is not None:
+                found.setdefault(id(tensor), tensor)
+        if buffers:
+            for tensor in current._buffers.values():
+                if tensor is not None:
+                    found.setdefault(id(tensor), tensor)
+        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+    return list(found.values())
+
+
 def _run_in(module: nn.Module, dtype: torch.dtype, *args):
     """`module(*args)`, its floating weights cast to `dtype` for this call when they are stored in another one (a
     compact adapter serves fp16/bf16 weights in the backbone's dtype); the stored weights are left as they are."""
-    if all(p.dtype == dtype for p in module.parameters()):
+    if all(p.dtype == dtype for p in module_tensors(module, buffers=False)):
         return module(*args)
     cast = {name: p.to(dtype) if p.is_floating_point() else p for name, p in module.named_parameters()}
     return torch.func.functional_call(module, cast, args)
@@ -321,6 +345,10 @@ _TORCH_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 COMPACT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# What weights arrive as: an upload's bytes, or a file read into a writable buffer (`read_weights`).
+Buffer = bytes | bytearray | memoryview
+
+
 def _spec(tensor: torch.Tensor | TensorSpec) -> TensorSpec:
     if isinstance(tensor, TensorSpec):
         return tensor
@@ -348,9 +376,16 @@ def stored_itemsize(weights: Path) -> int | None:
     return max(sizes) if sizes and None not in sizes else None
 
 
-def read_header(data: bytes) -> dict[str, TensorSpec]:
+def read_header(data: Buffer) -> dict[str, TensorSpec]:
     """Every tensor's dtype and shape from the safetensors header (8-byte little-endian length, then JSON),
     without reading or allocating any tensor; AdapterError if the file is not a consistent safetensors file."""
+    return {name: spec for name, (spec, _) in _layout(data).items()}
+
+
+def _layout(data: Buffer) -> dict[str, tuple[TensorSpec, int]]:
+    """Each tensor's spec and the offset of its first byte in `data`, checked as the format demands: every
+    tensor's bytes inside the file and the size of its dtype and shape, and the tensors tiling the data section
+    with no gap and no overlap."""
     _refuse_pickles(data)
     bad = f"{WEIGHTS_NAME} is not a valid safetensors file"
     if len(data) < 8:
@@ -361,13 +396,14 @@ def read_header(data: bytes) -> dict[str, TensorSpec]:
     if 8 + size > len(data):
         raise AdapterError(f"{bad}: its header runs past the end of the file")
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(bytes(data[8:8 + size]))
     except (ValueError, RecursionError) as exc:
         raise AdapterError(f"{bad}: its header is not JSON") from exc
     if not isinstance(header, dict):
         raise AdapterError(f"{bad}: its header is not a JSON object")
     body = len(data) - 8 - size
-    specs: dict[str, TensorSpec] = {}
+    layout: dict[str, tuple[TensorSpec, int]] = {}
+    extents: list[tuple[int, int]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -382,8 +418,16 @@ def read_header(data: bytes) -> dict[str, TensorSpec]:
         if math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
             raise AdapterError(f"{bad}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, not the size of "
                                f"a {dtype} tensor of shape {shape}")
-        specs[name] = TensorSpec(dtype, tuple(shape))
-    return specs
+        layout[name] = (TensorSpec(dtype, tuple(shape)), 8 + size + offsets[0])
+        extents.append((offsets[0], offsets[1]))
+    end = 0
+    for start, stop in sorted(extents):
+        if start != end:
+            raise AdapterError(f"{bad}: its tensors {'overlap' if start < end else 'leave a gap'} in the data")
+        end = stop
+    if end != body:
+        raise AdapterError(f"{bad}: {body - end} bytes after the last tensor belong to none")
+    return layout
 
 
 def _naturals(value: Any) -> bool:
@@ -472,11 +516,44 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return not bool(np.any((values.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
 
 
-def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dtype) -> list[str]:
-    """Weights must be finite, and stay finite in the dtype the server runs them in (1e5 is inf in float16)."""
+# A value is NaN or infinite exactly when all its exponent bits are set: the exponent mask of each 16-bit float, and
+# numpy's own isfinite for the wider ones.
+_NONFINITE_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}
+_NUMPY_FLOATS = {"F32": np.float32, "F64": np.float64}
+
+
+def stored_values_finite(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]) -> bool:
+    """Whether every floating point value in the file is finite, read in numpy straight from its bytes: no tensor,
+    no torch op (each hands the GIL to another thread), one check for a file whose tensors share one dtype. False
+    also when it cannot tell (integer tensors, values not aligned to their size): the per-tensor check decides."""
+    dtypes = {spec.dtype for spec, _ in layout.values()}
+    if not layout or not dtypes <= (_NONFINITE_EXPONENT.keys() | _NUMPY_FLOATS.keys()):
+        return False
+    if len(dtypes) == 1:  # the tensors tile the data section: one span from the first to the last
+        dtype = dtypes.pop()
+        first = min(offset for _, offset in layout.values())
+        spans = [(dtype, first, sum(math.prod(spec.shape) for spec, _ in layout.values()))]
+    else:
+        spans = [(spec.dtype, offset, math.prod(spec.shape)) for spec, offset in layout.values()]
+    for dtype, offset, count in spans:
+        if offset % SAFETENSORS_ITEMSIZE[dtype]:
+            return False
+        if dtype in _NUMPY_FLOATS:
+            if not np.isfinite(np.frombuffer(data, _NUMPY_FLOATS[dtype], count, offset)).all():
+                return False
+        elif ((np.frombuffer(data, np.uint16, count, offset) & _NONFINITE_EXPONENT[dtype])
+              == _NONFINITE_EXPONENT[dtype]).any():
+            return False
+    return True
+
+
+def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dtype, *,
+                   known_finite: bool = False) -> list[str]:
+    """Weights must be finite, and stay finite in the dtype the server runs them in (1e5 is inf in float16).
+    `known_finite`: the caller checked the stored values (`stored_values_finite`)."""
     problems = []
     for name, tensor in tensors.items():
-        if not all_finite(tensor):
+        if not known_finite and not all_finite(tensor):
             problems.append(f"tensor {name!r} holds NaN or infinite values")
         elif (torch.finfo(serving_dtype).max < torch.finfo(tensor.dtype).max
               and not torch.isfinite(tensor.to(serving_dtype)).all()):
@@ -486,26 +563,74 @@ def value_problems(tensors: Mapping[str, torch.Tensor], serving_dtype: torch.dty
     return problems
 
 
-def parse_weights(data: bytes) -> dict[str, torch.Tensor]:
-    _refuse_pickles(data)
+def parse_weights(data: Buffer) -> dict[str, torch.Tensor]:
+    """The file's tensors. Floating point ones are views of one writable buffer, `data` itself when it is a
+    bytearray (`read_weights` reads one): no copy per tensor. A server loads tens of adapters a second, and the
+    safetensors library's `load` copies each tensor out of the file's bytes, then wraps every copy."""
+    return _tensors(data, _layout(data))
+
+
+def _tensors(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]) -> dict[str, torch.Tensor]:
+    if sys.byteorder != "little" or any(spec.dtype not in FLOAT_DTYPES or offset % SAFETENSORS_ITEMSIZE[spec.dtype]
+                                        for spec, offset in layout.values()):
+        # Big-endian hosts, integer tensors and a header whose length leaves tensors unaligned: the library's way.
+        try:
+            return load_safetensors_bytes(bytes(data))
+        except (SafetensorError, Exception) as exc:  # safetensors raises assorted types on garbage input
+            raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
+    writable = isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
+    buffer = data if writable else bytearray(data)  # torch views only a writable buffer
+    tensors = {}
+    for name, (spec, offset) in layout.items():
+        dtype, count = FLOAT_DTYPES[spec.dtype], math.prod(spec.shape)
+        tensors[name] = (torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(spec.shape)
+                         if count else torch.empty(spec.shape, dtype=dtype))
+    return tensors
+
+
+def read_weights(path: str | Path) -> memoryview:
+    """A weights file's bytes in a writable buffer of its own, which `parse_weights` views without copying.
+
+    Few system calls and no zero-fill: a load runs beside the inference threads, and each call hands the GIL to
+    another thread that the loader must then wait to get back (io.open's layers made twice the calls)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return load_safetensors_bytes(data)
-    except (SafetensorError, Exception) as exc:  # safetensors raises assorted types on garbage input
-        raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
+        size = os.fstat(fd).st_size
+        buffer = np.empty(size + 1, dtype=np.uint8)  # one byte over: a file longer than its size said is seen
+        filled = os.readv(fd, [buffer])
+        if filled > size:  # it grew meanwhile (never in a store, whose files are written once): read it whole
+            rest = bytearray()
+            while chunk := os.read(fd, 1 << 20):
+                rest += chunk
+            return memoryview(bytearray(buffer[:filled].tobytes()) + rest)
+        return memoryview(buffer)[:filled]
+    finally:
+        os.close(fd)
 
 
-def build_adapter(config_bytes: bytes | str, weights_bytes: bytes, backbone) -> TaskAdapter:
+def read_config(path: str | Path) -> bytes:
+    """A config file's bytes (at most one byte over MAX_CONFIG_BYTES: enough for the size check to refuse it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, MAX_CONFIG_BYTES + 1)  # a regular file reads short only at its end
+    finally:
+        os.close(fd)
+
+
+def build_adapter(config_bytes: bytes | str, weights_bytes: Buffer, backbone) -> TaskAdapter:
     """Parse, check against the backbone and build a ready adapter, or raise AdapterError naming every problem.
 
     Names, dtypes and shapes are checked from the header before any tensor is read, so a config that describes
     a huge adapter next to small weights is refused before anything of its size exists.
     """
     config = AdapterConfig.from_json(config_bytes)
-    problems = check_adapter(config, read_header(weights_bytes), backbone)
+    layout = _layout(weights_bytes)
+    problems = check_adapter(config, {name: spec for name, (spec, _) in layout.items()}, backbone)
     if problems:
         raise AdapterError(problems)
-    tensors = parse_weights(weights_bytes)  # the header said what these are; only their values are left to check
-    problems = value_problems(tensors, getattr(backbone, "dtype", torch.float32))
+    tensors = _tensors(weights_bytes, layout)  # the header said what these are; only their values are left to check
+    problems = value_problems(tensors, getattr(backbone, "dtype", torch.float32),
+                              known_finite=stored_values_finite(weights_bytes, layout))
     if problems:
         raise AdapterError(problems)
     word_ids, _ = label_word_ids(config, backbone.tokenizer)
@@ -519,7 +644,7 @@ def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: di
     skeleton = _skeleton(config) if config.head == "linear" else None
     if skeleton is not None:
         adapter = _copy_tree(skeleton)
-        adapter.config = config
+        adapter.__dict__["config"] = config
         for name, tensor in tensors.items():
             *path, attribute = name.split(".")
             module = adapter
@@ -545,7 +670,26 @@ def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: di
 # structure differ only in their config and weights, so each structure is built once, on the meta device, and a
 # load copies that tree's objects (fresh attribute dicts, nothing shared) and puts its own tensors in.
 _SKELETONS_KEPT = 64
-_skeletons: dict[tuple, TaskAdapter] = {}
+_skeletons: dict[tuple, _TreePlan] = {}
+
+
+@dataclass(frozen=True)
+class _TreePlan:
+    """How to copy one module tree: per module its class, its attributes, the names of those that are containers
+    (copied, never shared) and its children's plans. Worked out once per structure, so a copy is a few dict copies
+    per module with no type tests."""
+
+    cls: type
+    attributes: dict[str, Any]
+    containers: tuple[str, ...]
+    children: tuple[tuple[str, _TreePlan | None], ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _TreePlan:
+        containers = tuple(name for name, value in module.__dict__.items()
+                           if isinstance(value, (dict, set)) and name != "_modules")
+        children = tuple((name, None if child is None else cls.of(child)) for name, child in module._modules.items())
+        return cls(type(module), module.__dict__, containers, children)
 
 
 def _structure(config: AdapterConfig) -> tuple:
@@ -555,10 +699,10 @@ def _structure(config: AdapterConfig) -> tuple:
             config.head, len(config.labels), config.pooling)
 
 
-def _skeleton(config: AdapterConfig) -> TaskAdapter | None:
+def _skeleton(config: AdapterConfig) -> _TreePlan | None:
     key = _structure(config)
-    skeleton = _skeletons.get(key)
-    if skeleton is None:
+    plan = _skeletons.get(key)
+    if plan is None:
         with torch.device("meta"):
             skeleton = TaskAdapter(config).eval()
         if set(skeleton.state_dict()) != set(expected_shapes(config)):
@@ -567,31 +711,31 @@ def _skeleton(config: AdapterConfig) -> TaskAdapter | None:
             p.requires_grad_(False)
         if len(_skeletons) >= _SKELETONS_KEPT:
             _skeletons.pop(next(iter(_skeletons)), None)
-        _skeletons[key] = skeleton
-    return skeleton
+        plan = _skeletons[key] = _TreePlan.of(skeleton)
+    return plan
 
 
-def _copy_tree(module: nn.Module) -> nn.Module:
-    """A copy of `module` and its submodules: new objects whose containers (parameters, buffers, hooks, children)
-    are copies, so nothing done to the copy reaches the original; the parameters are still the original's until
+def _copy_tree(plan: _TreePlan) -> nn.Module:
+    """A new module tree as `plan` describes: new objects whose containers (parameters, buffers, hooks, children)
+    are copies, so nothing done to the copy reaches the skeleton; the parameters are still the skeleton's until
     replaced."""
-    copy = object.__new__(type(module))
-    attributes = dict(module.__dict__)
-    for name, value in attributes.items():
-        if isinstance(value, (dict, set)):
-            attributes[name] = type(value)(value)
-    attributes["_modules"] = type(module._modules)(
-        (name, None if child is None else _copy_tree(child)) for name, child in module._modules.items())
-    copy.__dict__ = attributes
+    copy = object.__new__(plan.cls)
+    attributes = plan.attributes.copy()
+    for name in plan.containers:
+        attributes[name] = attributes[name].copy()
+    modules = attributes["_modules"] = attributes["_modules"].copy()
+    for name, child in plan.children:
+        modules[name] = None if child is None else _copy_tree(child)
+    object.__setattr__(copy, "__dict__", attributes)  # not nn.Module.__setattr__'s type tests
     return copy
 
 
 def load_adapter(directory: str | Path, backbone) -> TaskAdapter:
     folder = Path(directory)
-    files = []
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    files: list[bytes | memoryview] = []
+    for name, read in ((CONFIG_NAME, read_config), (WEIGHTS_NAME, read_weights)):
         try:
-            files.append((folder / name).read_bytes())
+            files.append(read(folder / name))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise AdapterError(f"{folder} has no {name}: an adapter directory holds {CONFIG_NAME} and "
                                f"{WEIGHTS_NAME}") from None

@@ -38,7 +38,6 @@ rather than failing.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import threading
@@ -114,8 +113,7 @@ class ServedTask:
 
     @cached_property
     def nbytes(self) -> int:
-        tensors = itertools.chain(self.adapter.parameters(), self.adapter.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.adapter.nbytes()
 
 
 class Registry:
@@ -312,7 +310,21 @@ class Registry:
             return None, future, entry
 
     def _load(self, entry: TaskEntry, future: Future) -> None:
-        """Read one stored version into host memory and settle `future` with its ServedTask or TaskFailed."""
+        """Read one stored version into host memory and settle `future` with its ServedTask or TaskFailed; runs on
+        the loader thread, where nobody awaits its own result, so whatever goes wrong settles `future`."""
+        try:
+            self._load_into(entry, future)
+        except BaseException as exc:
+            with self._host_lock:
+                self._loading.pop((entry.task, entry.version), None)
+            if not future.done():
+                future.set_exception(exc)
+            else:
+                log.exception("after loading task %s v%d", entry.task, entry.version)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _load_into(self, entry: TaskEntry, future: Future) -> None:
         task = entry.task
         key = (task, entry.version)
         try:
@@ -332,11 +344,6 @@ class Registry:
                 self._loading.pop(key, None)
             future.set_exception(TaskFailed(reason))
             return
-        except BaseException as exc:
-            with self._host_lock:
-                self._loading.pop(key, None)
-            future.set_exception(exc)
-            raise
         served = ServedTask(task, entry.version, entry.versions, adapter)
         self._versions[adapter] = entry.version
         with self._host_lock:
@@ -433,10 +440,9 @@ class Registry:
             if served is not None:
                 return served
             if to_load is not None:
-                # Shielded: a request cancelled meanwhile must not leave the others waiting on a load nobody
-                # finishes.
-                loop = asyncio.get_running_loop()
-                await asyncio.shield(loop.run_in_executor(self._loader, self._load, to_load, future))
+                # `_load` settles `future` whatever happens, so the request awaits that alone: one wake-up of the
+                # event loop per load, not a second for the executor's own future.
+                self._loader.submit(self._load, to_load, future)
             try:
                 # Shielded, for the same reason: a request cancelled meanwhile must not cancel the load's future
                 # for the other requests waiting on it (nor make the load's own `set_result` fail).
