@@ -87,6 +87,9 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     # The last added runs first: the gate answers 401/403 before the cap counts (or anything reads) a byte.
     app.add_middleware(BodyCap, settings=settings)
     app.add_middleware(AdminGate, settings=settings)
+    if settings.fast_classify:
+        # Outermost of ours: the hottest route skips the layers above its own code (see `classify.FastClassify`).
+        app.add_middleware(classify.FastClassify, service=service, request_cap=settings.max_request_bytes)
     document_edge_errors(app)
     return app
 

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="one JSON object per log line")
     opentelemetry: bool = Field(False, description="FastAPI's OpenTelemetry instrumentation: spans, metrics and logs "
                                 "per request to the globally configured providers (off: Prometheus only)")
+    fast_classify: bool = Field(True, description="answer ordinary `POST /classify/{task}` requests ahead of "
+                                "FastAPI's routing and dependencies, with the same checks and answers (off: every "
+                                "request takes the full stack)")
 
     @field_validator("device")
     @classmethod
