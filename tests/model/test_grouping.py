@@ -122,6 +122,28 @@ def test_on_a_cpu_each_task_runs_its_own_calls(tiny_mlm_backbone, zoo, monkeypat
     assert calls == {"grouped_prompts": 0, "grouped_linear_logits": 0}
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_per_task_shortcuts_equal_the_modules_own_forward(tiny_mlm_backbone, zoo, data):
+    """On a CPU a plain NPG runs as two functional linears on its rows' first token, and a plain linear head reads
+    its rows of one pooling shared by the pass: the answers are the modules' own forward, which a no-op hook on
+    every generator and head forces (a hooked module always runs itself)."""
+    bb = tiny_mlm_backbone
+    picks = data.draw(st.lists(st.tuples(st.sampled_from(range(len(zoo))), texts), min_size=1, max_size=16))
+    adapters = [zoo[i] for i, _ in picks]
+    encoded = _rows(bb, adapters, [t for _, t in picks])
+    fast = classify_rows(bb, adapters, encoded)
+    hooks = [m.register_forward_hook(lambda *args: None) for a in zoo for m in (a.generator, a.head)]
+    try:
+        assert all(group_key(a.generator) is None and head_group_key(a.head) is None for a in zoo)
+        own = classify_rows(bb, adapters, encoded)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for f, o in zip(fast, own, strict=True):
+        torch.testing.assert_close(f, o, atol=1e-6, rtol=0)
+
+
 def test_what_may_be_grouped(tiny_mlm_backbone, zoo):
     by_name = {a.task: a for a in zoo}
     assert group_key(by_name["npg-0"].generator) == group_key(by_name["npg-1"].generator)

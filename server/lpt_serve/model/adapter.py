@@ -579,13 +579,24 @@ def _tensors(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]) -> dict[st
         except (SafetensorError, Exception) as exc:  # safetensors raises assorted types on garbage input
             raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
     writable = isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
-    buffer = data if writable else bytearray(data)  # torch views only a writable buffer
+    buffer = data if writable else bytearray(data)  # torch shares only a writable buffer
+    # Built in numpy, handed to torch with `from_numpy`: neither lets go of the GIL, where every torch op (a `view`
+    # here) would, and under load each such op waits milliseconds to get it back from the inference threads.
     tensors = {}
     for name, (spec, offset) in layout.items():
-        dtype, count = FLOAT_DTYPES[spec.dtype], math.prod(spec.shape)
-        tensors[name] = (torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(spec.shape)
-                         if count else torch.empty(spec.shape, dtype=dtype))
+        count = math.prod(spec.shape)
+        if not count:
+            tensors[name] = torch.empty(spec.shape, dtype=FLOAT_DTYPES[spec.dtype])
+        elif spec.dtype in _NUMPY_DTYPES:
+            tensors[name] = torch.from_numpy(np.frombuffer(buffer, _NUMPY_DTYPES[spec.dtype], count, offset)
+                                             .reshape(spec.shape))
+        else:  # bfloat16, which numpy lacks: its bits, then a view as bfloat16
+            bits = torch.from_numpy(np.frombuffer(buffer, np.int16, count, offset).reshape(spec.shape))
+            tensors[name] = bits.view(torch.bfloat16)
     return tensors
+
+
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 def read_weights(path: str | Path) -> memoryview:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import tokenizers
 import torch
+import torch.nn.functional as F
 
 from lpt_serve.model.adapter import TaskAdapter, special_tokens, template_token_ids
 from lpt_serve.model.backbone import Backbone
@@ -83,7 +84,10 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], template: str | None 
     mask_id = tok.mask_token_id if template is not None else None
     in_prefix = prefix_ids.index(mask_id) if mask_id is not None and mask_id in prefix_ids else None
     in_suffix = suffix_ids.index(mask_id) if mask_id is not None and mask_id in suffix_ids else None
-    body = [encoding.ids for encoding in _untruncated(tok).encode_batch(list(texts), add_special_tokens=False)]
+    own = _untruncated(tok)
+    # Without offsets (`encode_batch_fast`, tokenizers >= 0.21) where it exists: ids are all we read.
+    encode = getattr(own, "encode_batch_fast", own.encode_batch)
+    body = [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
     out = []
     for ids in body:
         truncated = len(ids) > budget
@@ -318,7 +322,15 @@ def _prompts(groups: Sequence[TaskGroup], tokens: torch.Tensor, token_mask: torc
 
 def _prompt_alone(g: TaskGroup, tokens: torch.Tensor, token_mask: torch.Tensor, faults: Faults) -> torch.Tensor | None:
     try:
-        prompt = g.adapter.generate(tokens[g.rows], token_mask[g.rows]).to(tokens.dtype)  # [n, L, H]
+        key = group_key(g.adapter.generator)
+        if key is not None and not reads_every_token(key):
+            # A plain NPG reads each row's first token only: that token's rows through its two linears, as its
+            # forward does (dropout is off in eval), without four module calls and a gather of every token.
+            prompt = _npg_prompts(g.adapter.generator, tokens[:, 0][g.rows])
+        else:
+            prompt = g.adapter.generate(tokens[g.rows], token_mask[g.rows])  # [n, L, H]
+        if prompt.dtype != tokens.dtype:
+            prompt = prompt.to(tokens.dtype)
         expected = (len(g.rows), g.adapter.config.prompt_length, tokens.shape[-1])
         if tuple(prompt.shape) != expected:
             raise ValueError(f"task {g.adapter.task!r}: its generator gave prompts of shape {list(prompt.shape)}, "
@@ -331,18 +343,36 @@ def _prompt_alone(g: TaskGroup, tokens: torch.Tensor, token_mask: torch.Tensor, 
         return None
 
 
+def _npg_prompts(generator: torch.nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """`NaivePromptGenerator.forward` in eval for first-token states [n, H] -> [n, L, H], its weights cast to the
+    states' dtype when stored in another (a compact adapter)."""
+    down, up = generator.down, generator.up
+    weights = [down.weight, down.bias, up.weight, up.bias]
+    if any(w.dtype != first.dtype for w in weights):
+        weights = [w.to(first.dtype) for w in weights]
+    prompt = F.linear(torch.relu(F.linear(first, weights[0], weights[1])), weights[2], weights[3])
+    return prompt.view(first.shape[0], generator.prompt_length, first.shape[-1])
+
+
 def _insert_prompts(chunks: Sequence[_Chunk], h: torch.Tensor,
                     prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every chunk's prompts into its rows' first L slots, and those slots unmasked: one write for all of them."""
     if not chunks:
         return h, prompt_mask
-    row_idx, slot_idx, values = [], [], []
-    for c in chunks:
-        rows, length = len(c.rows), c.values.shape[1]
-        row_idx.append(c.rows.view(-1, 1).expand(-1, length).reshape(-1))
-        slot_idx.append(torch.arange(length, device=h.device).repeat(rows))
-        values.append(c.values.reshape(rows * length, -1))
-    index = (torch.cat(row_idx), torch.cat(slot_idx))
+    lengths = {c.values.shape[1] for c in chunks}
+    if len(lengths) == 1:  # the usual case, one prompt length: the index in a few ops, not a few per task
+        length = lengths.pop()
+        rows = torch.cat([c.rows for c in chunks])
+        index = (rows.repeat_interleave(length), torch.arange(length, device=h.device).repeat(len(rows)))
+        values = [torch.cat([c.values for c in chunks]).reshape(len(rows) * length, -1)]
+    else:
+        row_idx, slot_idx, values = [], [], []
+        for c in chunks:
+            rows, length = len(c.rows), c.values.shape[1]
+            row_idx.append(c.rows.view(-1, 1).expand(-1, length).reshape(-1))
+            slot_idx.append(torch.arange(length, device=h.device).repeat(rows))
+            values.append(c.values.reshape(rows * length, -1))
+        index = (torch.cat(row_idx), torch.cat(slot_idx))
     # Out of place, so autograd keeps the layer outputs it saved for the backward pass.
     h = h.index_put(index, torch.cat(values).to(h.dtype))
     prompt_mask = prompt_mask.index_put(index, prompt_mask.new_ones(()).expand(len(index[0])))
@@ -356,6 +386,7 @@ def _heads(groups: Sequence[TaskGroup], h: torch.Tensor, token_mask: torch.Tenso
     verbalizers share one call of the backbone's MLM head."""
     live = [g for g in groups if faults is None or id(g.adapter) not in faults]
     logits: dict[int, torch.Tensor] = {}
+    pooled_by: dict[str, torch.Tensor] = {}  # pooling -> every row's pooled state, shared by the linear heads
     grouping = GROUP_ON_CPU or h.device.type != "cpu"
 
     def key_of(g: TaskGroup) -> tuple | None:
@@ -387,13 +418,31 @@ def _heads(groups: Sequence[TaskGroup], h: torch.Tensor, token_mask: torch.Tenso
             continue
         for g in members:
             try:
-                logits[id(g)] = g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions,
-                                                 backbone)
+                logits[id(g)] = _head_alone(g, h, token_mask, prompt_mask, backbone, pooled_by)
             except Exception as exc:
                 if faults is None:
                     raise
                 _record(faults, g.adapter, "head", exc)
     return [logits.get(id(g)) for g in groups]
+
+
+def _head_alone(g: TaskGroup, h: torch.Tensor, token_mask: torch.Tensor, prompt_mask: torch.Tensor,
+                backbone: Backbone, pooled_by: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One task's logits. A plain linear head reads its rows of a pooling done once for the whole pass (pooling
+    is row by row, so a row's pooled state is the same either way) and runs its classifier on them: two ops per
+    task instead of the gather of its rows' hidden states and the pooling's half dozen."""
+    head = g.adapter.head
+    key = head_group_key(head)
+    if key is None:
+        return g.adapter.logits(h[g.rows], token_mask[g.rows], prompt_mask[g.rows], g.mask_positions, backbone)
+    pooling = key[1]
+    pooled = pooled_by.get(pooling)
+    if pooled is None:
+        pooled = pooled_by[pooling] = pooled_states(h, token_mask, prompt_mask, pooling)
+    weight, bias = head.classifier.weight, head.classifier.bias
+    if weight.dtype != pooled.dtype:  # a compact adapter: cast for this call, as `TaskAdapter.logits` does
+        weight, bias = weight.to(pooled.dtype), bias.to(pooled.dtype)
+    return F.linear(pooled[g.rows], weight, bias)
 
 
 def _verbalizer_logits(members: Sequence[TaskGroup], h: torch.Tensor, slots: int,
