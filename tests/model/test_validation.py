@@ -177,6 +177,8 @@ def _with_header(header: dict, body: bytes = b"") -> bytes:
          "its tensors overlap in the data"),
         (_with_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
          "4 bytes after the last tensor belong to none"),
+        (struct.pack("<Q", 4) + '{}'.encode("utf-16-le"), "its header is not UTF-8 JSON"),
+        (_with_header({"__metadata__": {"format": 1}}), "its __metadata__ must map names to strings"),
     ],
 )
 def test_inconsistent_headers_are_refused(data, expected):
@@ -323,6 +325,19 @@ def test_a_weights_file_is_read_whole_whatever_its_size_said(tmp_path, monkeypat
                             lambda fd, lie=lie: type("Stat", (), {"st_size": real(fd).st_size + lie})())
         assert bytes(read_weights(path)) == data
     monkeypatch.setattr(adapter_module.os, "fstat", real)
+
+
+def test_files_are_read_whole_through_short_reads(tmp_path, monkeypatch):
+    """Network and FUSE file systems may hand back fewer bytes than asked for: reading goes on to the end."""
+    weights, config = tmp_path / "w.safetensors", tmp_path / "c.json"
+    data = save(_mixed_weights(), metadata={"format": "pt"})
+    weights.write_bytes(data)
+    config.write_bytes(b'{"task": "' + b"x" * 300 + b'"}')
+    real_readv, real_read = adapter_module.os.readv, adapter_module.os.read
+    monkeypatch.setattr(adapter_module.os, "readv", lambda fd, buffers: real_readv(fd, [buffers[0][:100]]))
+    monkeypatch.setattr(adapter_module.os, "read", lambda fd, n: real_read(fd, min(n, 100)))
+    assert bytes(read_weights(weights)) == data
+    assert read_config(config) == config.read_bytes()
 
 
 def test_a_config_file_is_read_up_to_one_byte_past_its_cap(tmp_path):

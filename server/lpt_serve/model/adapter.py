@@ -214,9 +214,17 @@ class TaskAdapter(nn.Module):
         # second straight into CPU memory skips that walk.
         if any(t.device != device for t in module_tensors(self)):
             self.to(device)
-        for p in module_tensors(self, buffers=False):
-            if p.is_floating_point() and p.dtype.itemsize > dtype.itemsize:
-                p.data = p.data.to(dtype)
+        parameters = module_tensors(self, buffers=False)
+        wide = [p for p in parameters if p.is_floating_point() and p.dtype.itemsize > dtype.itemsize]
+        for p in wide:
+            p.data = p.data.to(dtype)
+        if wide and len(wide) < len(parameters):
+            # Loaded weights are views of one buffer (`parse_weights`): copy the ones left, or they would keep
+            # the whole buffer alive beside the narrowed copies, bytes the host budget never counts.
+            narrowed = {id(p) for p in wide}
+            for p in parameters:
+                if id(p) not in narrowed:
+                    p.data = p.data.clone()
         return self
 
     # ------------------------------------------------------------------------------------------- save / load
@@ -396,11 +404,15 @@ def _layout(data: Buffer) -> dict[str, tuple[TensorSpec, int]]:
     if 8 + size > len(data):
         raise AdapterError(f"{bad}: its header runs past the end of the file")
     try:
-        header = json.loads(bytes(data[8:8 + size]))
-    except (ValueError, RecursionError) as exc:
-        raise AdapterError(f"{bad}: its header is not JSON") from exc
+        # Strict UTF-8, as the format says (json.loads would also take UTF-16 and UTF-32 bytes).
+        header = json.loads(bytes(data[8:8 + size]).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise AdapterError(f"{bad}: its header is not UTF-8 JSON") from exc
     if not isinstance(header, dict):
         raise AdapterError(f"{bad}: its header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterError(f"{bad}: its __metadata__ must map names to strings")
     body = len(data) - 8 - size
     layout: dict[str, tuple[TensorSpec, int]] = {}
     extents: list[tuple[int, int]] = []
@@ -519,7 +531,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 # A value is NaN or infinite exactly when all its exponent bits are set: the exponent mask of each 16-bit float, and
 # numpy's own isfinite for the wider ones.
 _NONFINITE_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}
-_NUMPY_FLOATS = {"F32": np.float32, "F64": np.float64}
+_NUMPY_FLOATS = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}  # the format is little-endian, whatever the host
 
 
 def stored_values_finite(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]) -> bool:
@@ -541,7 +553,7 @@ def stored_values_finite(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]
         if dtype in _NUMPY_FLOATS:
             if not np.isfinite(np.frombuffer(data, _NUMPY_FLOATS[dtype], count, offset)).all():
                 return False
-        elif ((np.frombuffer(data, np.uint16, count, offset) & _NONFINITE_EXPONENT[dtype])
+        elif ((np.frombuffer(data, np.dtype("<u2"), count, offset) & _NONFINITE_EXPONENT[dtype])
               == _NONFINITE_EXPONENT[dtype]).any():
             return False
     return True
@@ -593,7 +605,14 @@ def _tensors(data: Buffer, layout: dict[str, tuple[TensorSpec, int]]) -> dict[st
         else:  # bfloat16, which numpy lacks: its bits, then a view as bfloat16
             bits = torch.from_numpy(np.frombuffer(buffer, np.int16, count, offset).reshape(spec.shape))
             tensors[name] = bits.view(torch.bfloat16)
+    if len(buffer) - sum(t.nbytes for t in tensors.values()) > _MAX_PINNED_OVERHEAD:
+        # A header padded with metadata: copies, so that its bytes are not kept alive beside the weights.
+        tensors = {name: t.clone() for name, t in tensors.items()}
     return tensors
+
+
+# Views keep their whole buffer alive, the header too; host memory counts the tensors' bytes only.
+_MAX_PINNED_OVERHEAD = 64 * 1024
 
 
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -608,7 +627,12 @@ def read_weights(path: str | Path) -> memoryview:
     try:
         size = os.fstat(fd).st_size
         buffer = np.empty(size + 1, dtype=np.uint8)  # one byte over: a file longer than its size said is seen
-        filled = os.readv(fd, [buffer])
+        filled = 0
+        while filled <= size:  # one call for a local file; network and FUSE file systems may read short
+            got = os.readv(fd, [buffer[filled:]])
+            if not got:
+                break
+            filled += got
         if filled > size:  # it grew meanwhile (never in a store, whose files are written once): read it whole
             rest = bytearray()
             while chunk := os.read(fd, 1 << 20):
@@ -623,7 +647,10 @@ def read_config(path: str | Path) -> bytes:
     """A config file's bytes (at most one byte over MAX_CONFIG_BYTES: enough for the size check to refuse it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, MAX_CONFIG_BYTES + 1)  # a regular file reads short only at its end
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+        while len(data) <= MAX_CONFIG_BYTES and data and (more := os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))):
+            data += more  # a short read (network and FUSE file systems): read on to the end or the cap
+        return data
     finally:
         os.close(fd)
 
@@ -651,7 +678,9 @@ def build_adapter(config_bytes: bytes | str, weights_bytes: Buffer, backbone) ->
 def _from_tensors(config: AdapterConfig, word_ids: list[int] | None, tensors: dict[str, torch.Tensor]) -> TaskAdapter:
     """The adapter made of these tensors themselves, in the dtype they were stored in (fp64 becomes fp32). The
     caller has checked the tensors' names and shapes against the config (`check_adapter`)."""
-    tensors = {k: t.float() if t.dtype == torch.float64 else t for k, t in tensors.items()}
+    if any(t.dtype == torch.float64 for t in tensors.values()):
+        # Converted, and the rest copied: a view left alone would keep the whole file's buffer alive for a few bytes.
+        tensors = {k: t.float() if t.dtype == torch.float64 else t.clone() for k, t in tensors.items()}
     skeleton = _skeleton(config) if config.head == "linear" else None
     if skeleton is not None:
         adapter = _copy_tree(skeleton)

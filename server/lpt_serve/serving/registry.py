@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from lpt_serve.errors import AdapterError, LptServeError, StoreError, TaskFailed, TaskNotFound
+from lpt_serve.errors import AdapterError, LptServeError, StoreError, TaskFailed, TaskNotFound, Unavailable
 from lpt_serve.format import CONFIG_NAME, WEIGHTS_NAME, validate_task_name
 from lpt_serve.model.adapter import (
     AdapterConfig,
@@ -316,7 +316,8 @@ class Registry:
             self._load_into(entry, future)
         except BaseException as exc:
             with self._host_lock:
-                self._loading.pop((entry.task, entry.version), None)
+                if self._loading.get((entry.task, entry.version)) is future:  # not a newer load of it
+                    del self._loading[(entry.task, entry.version)]
             if not future.done():
                 future.set_exception(exc)
             else:
@@ -442,7 +443,12 @@ class Registry:
             if to_load is not None:
                 # `_load` settles `future` whatever happens, so the request awaits that alone: one wake-up of the
                 # event loop per load, not a second for the executor's own future.
-                self._loader.submit(self._load, to_load, future)
+                try:
+                    self._loader.submit(self._load, to_load, future)
+                except RuntimeError as exc:  # the loader is shut down (the server is stopping)
+                    with self._host_lock:
+                        self._loading.pop((to_load.task, to_load.version), None)
+                    future.set_exception(Unavailable(f"task {task!r} cannot load now: {exc}"))
             try:
                 # Shielded, for the same reason: a request cancelled meanwhile must not cancel the load's future
                 # for the other requests waiting on it (nor make the load's own `set_result` fail).

@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import Headers
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lpt_client.schemas import TASK_NAME_PATTERN, ClassifyRequest, ClassifyResult, MixedRequest, MixedResponse
@@ -155,7 +156,8 @@ class FastClassify:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
-        if (not declared.isdigit() or int(declared) > self.request_cap or "transfer-encoding" in headers
+        if (not (declared.isascii() and declared.isdigit()) or int(declared) > self.request_cap
+                or "transfer-encoding" in headers
                 or headers.get("content-type", "").split(";")[0].strip().lower() != "application/json"):
             return await self.app(scope, receive, send)  # the app's checks and the body cap answer these
         chunks, received = [], 0
@@ -191,9 +193,12 @@ class FastClassify:
 
     @staticmethod
     def _task(scope: Scope) -> str | None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(PREFIX):
+        if scope["type"] != "http" or scope["method"] != "POST":
             return None
-        task = scope["path"][len(PREFIX):]
+        path = get_route_path(scope)  # what the router matches: the path less any root path it carries
+        if not path.startswith(PREFIX):
+            return None
+        task = path[len(PREFIX):]
         return task if TASK_NAME_PATTERN.fullmatch(task) else None
 
 
