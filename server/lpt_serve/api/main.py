@@ -52,8 +52,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpt-serve",
-        description="Serve many LPT text classifiers on one frozen encoder. Loads every adapter in the store, "
-                    "batches requests for different tasks into one forward pass, and hot-swaps uploads. "
+        description="Serve many LPT text classifiers on one frozen encoder. Serves every task in the store (each "
+                    "loaded on its first request, kept in host memory within --host-budget-mb), batches requests "
+                    "for different tasks into one forward pass, and hot-swaps uploads. "
                     "Each flag can also be set as LPT_<FLAG> (e.g. LPT_PORT=9000); flags win.",
         epilog="Prefer LPT_ADMIN_TOKEN to --admin-token: a flag shows in `ps`. Logs are JSON lines "
                "on stderr unless --no-log-json. Docs: README.md, docs/architecture.md.",
