@@ -628,11 +628,11 @@ def read_weights(path: str | Path) -> memoryview:
         size = os.fstat(fd).st_size
         buffer = np.empty(size + 1, dtype=np.uint8)  # one byte over: a file longer than its size said is seen
         filled = 0
-        while filled <= size:  # one call for a local file; network and FUSE file systems may read short
+        while True:  # one call for a local file; network and FUSE file systems may read short
             got = os.readv(fd, [buffer[filled:]])
-            if not got:
-                break
             filled += got
+            if not got or filled >= size:  # the end, as fstat said (no call more to find it), or past it
+                break
         if filled > size:  # it grew meanwhile (never in a store, whose files are written once): read it whole
             rest = bytearray()
             while chunk := os.read(fd, 1 << 20):
