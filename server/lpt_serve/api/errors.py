@@ -127,6 +127,20 @@ def error_response(exc: LptServeError) -> JSONResponse:
     return JSONResponse(error_body(kind.type, message), status_code=kind.status, headers=headers)
 
 
+def answer_domain_error(exc: LptServeError, method: str, path: str) -> JSONResponse:
+    """The answer to a domain error raised while serving `method path`; a 5xx one is logged (the route's handler
+    and `FastClassify` both answer through here)."""
+    if kind_of(exc).status >= 500:
+        log.error("%s on %s %s: %s", type(exc).__name__, method, path, exc.message)
+    return error_response(exc)
+
+
+def answer_unexpected(method: str, path: str) -> JSONResponse:
+    """The 500 for an exception nothing expected, its trace to the log only. Call from an `except` block."""
+    log.exception("unhandled error on %s %s", method, path)
+    return JSONResponse(error_body("internal_error", "internal server error; see the server log"), status_code=500)
+
+
 def statuses(*kinds: type[Exception]) -> dict[int, dict]:
     """OpenAPI `responses=` for the domain errors a route can raise."""
     return {kind_of(cls).status: {"model": ErrorResponse} for cls in kinds}
@@ -192,9 +206,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LptServeError)
     async def _domain(request: Request, exc: LptServeError) -> JSONResponse:
-        if kind_of(exc).status >= 500:
-            log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.message)
-        return error_response(exc)
+        return answer_domain_error(exc, request.method, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -206,5 +218,4 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error; see the server log"), status_code=500)
+        return answer_unexpected(request.method, request.url.path)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lpt_client.schemas import TASK_NAME_PATTERN, ClassifyRequest, ClassifyResult, MixedRequest, MixedResponse
 from lpt_serve.api.deps import ServiceDep, StrictJsonRoute, TaskPath, parse_json_body
-from lpt_serve.api.errors import error_body, error_response, kind_of, statuses
+from lpt_serve.api.errors import answer_domain_error, answer_unexpected, error_body, kind_of, statuses
 from lpt_serve.errors import (
     DeadlineExceeded,
     InputTooLarge,
@@ -182,13 +182,9 @@ class FastClassify:
         try:
             response = await _classify_one(self.service, task, request, receive, scope["path"])
         except LptServeError as exc:
-            if kind_of(exc).status >= 500:
-                log.error("%s on POST %s: %s", type(exc).__name__, scope["path"], exc.message)
-            response = error_response(exc)
+            response = answer_domain_error(exc, "POST", scope["path"])
         except Exception:
-            log.exception("unhandled error on POST %s", scope["path"])
-            response = Response(orjson.dumps(error_body("internal_error", "internal server error; see the server log")),
-                                status_code=500, media_type="application/json")
+            response = answer_unexpected("POST", scope["path"])
         await response(scope, receive, send)
 
     @staticmethod
