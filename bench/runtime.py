@@ -29,9 +29,12 @@ the seconds of rows/s from the process's CPU time instead of the wall clock: on 
 where torch's OpenMP threads wait for a descheduled partner at every op and a wall-clock pass can take several
 times its own cost, `--threads 1 --clock cpu` measures the work itself (how much each engine computes, and how
 efficiently), and the ratios hold; the wall clock at 2 threads measures what a shared machine gives. Repetitions are
-interleaved (each repetition measures every engine and setting once, the lpt engines in alternating order), and
-the tables give medians. Each setting also reports how far ORT's class probabilities lie from torch's on the
-first batch (max absolute difference).
+interleaved (each repetition measures every engine and setting once, the lpt engines in alternating order, the raw
+forward right before each task count's engines), and the tables give medians. A shared machine's speed drifts by
+tens of percent within a minute (the same pass, the same CPU time per row, 155 to 220 rows/s a few seconds apart),
+so the ratios are paired: an engine's ratio is the median over repetitions of its rate over the raw forward measured
+next to it (the median of each over the median of the other is given beside it). Each setting also reports how
+far ORT's class probabilities lie from torch's on the first batch (max absolute difference).
 
 Over HTTP (unless `--no-http`): one `lpt-serve` subprocess per runtime (`bench.serving.Server`: the real entry
 point, uvicorn, a free local port, `--threads` torch threads, the same store), both started before anything is
@@ -39,9 +42,12 @@ timed; then, interleaved, each server under `lpt_client.loadgen.run_load` (`benc
 `--concurrency` (32) closed-loop clients, one text per request from the same texts, on aiohttp unless `--loadgen`
 says otherwise) for `--http-duration` seconds,
 with requests spread over the 16 tasks and with every request naming one task. Reported: rows/s, that over the raw
-forward at batch `--concurrency` (the most rows a batch of one-text clients can hold), and mixed over one task.
+forward at batch `--concurrency` (the most rows a batch of one-text clients can hold), and mixed over one task,
+each paired: the raw forward is measured in this process (servers idle) before every HTTP run and after the last,
+a run is divided by the geometric mean of the raw rates around it, and mixed by the one-task run of its repetition;
+medians over `--http-reps` (5) repetitions.
 
-    python -m bench.runtime            # ~25 min on 2 shared CPU cores (plus a one-off ONNX export, ~10 s)
+    python -m bench.runtime            # ~13 min on 2 shared CPU cores (plus a one-off ONNX export, ~10 s)
     python -m bench.runtime --threads 1 --clock cpu --no-http    # the work itself, on a shared machine
     OMP_WAIT_POLICY=PASSIVE python -m bench.runtime    # torch's OpenMP threads sleep instead of spinning
 
@@ -62,6 +68,7 @@ help.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -193,8 +200,11 @@ def timed(run: Callable[[], Any], rows: int, clock: str, device: str = "cpu") ->
 
 # ---------------------------------------------------------------------------------------------------- HTTP
 def http_runs(store: Path, tasks: list[str], texts: list[str], args: argparse.Namespace,
-              ort_cache: str) -> dict[str, Any]:
-    """Each runtime's server under closed-loop load, mixed tasks and one task, interleaved over `--http-reps`."""
+              ort_cache: str, raw_rate: Callable[[], float]) -> dict[str, Any]:
+    """Each runtime's server under closed-loop load, mixed tasks and one task, interleaved over `--http-reps`.
+
+    `raw_rate()` (the raw forward's rows/s, in this process while the servers idle) is measured before every run and
+    after the last: each run records the geometric mean of the two around it as its own reference."""
     from bench.serving import Server, closed_loop, free_port
 
     if on_accelerator(args):
@@ -215,6 +225,7 @@ def http_runs(store: Path, tasks: list[str], texts: list[str], args: argparse.Na
             # Warm the connections, the tokenizer and the allocator before anything is timed.
             closed_loop(server, tasks, texts, args.concurrency, min(2.0, args.http_duration), args.seed + 1,
                         args.loadgen)
+        before = raw_rate()
         for rep in range(args.http_reps):
             order = list(servers) if rep % 2 == 0 else list(servers)[::-1]
             for load, load_tasks in (("mixed", tasks), ("one_task", tasks[:1])):
@@ -223,6 +234,11 @@ def http_runs(store: Path, tasks: list[str], texts: list[str], args: argparse.Na
                           flush=True)
                     run = closed_loop(servers[runtime], load_tasks, texts, args.concurrency, args.http_duration,
                                       args.seed + rep, args.loadgen)
+                    after = raw_rate()
+                    run["raw_rows_per_s_around"] = [before, after]
+                    run["raw_rows_per_s"] = math.sqrt(before * after)
+                    run["rep"] = rep
+                    before = after
                     results[runtime].setdefault(load, []).append(run)
     finally:
         for runtime, server in servers.items():
@@ -243,7 +259,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--texts", type=int, default=512, help="texts per pass")
     p.add_argument("--batch-sizes", default="32,64", help="rows per forward pass, comma-separated")
     p.add_argument("--tasks", default="1,16,64", help="tasks mixed in a pass, comma-separated")
-    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (the table gives medians)")
+    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (the table gives medians)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (raw, lpt on torch, the servers), and ONNX Runtime intra-op threads")
     p.add_argument("--ort-workers", type=int, default=None,
@@ -262,7 +278,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop HTTP clients")
     p.add_argument("--http-duration", type=float, default=15.0, help="seconds per HTTP measurement")
-    p.add_argument("--http-reps", type=int, default=2, help="interleaved repetitions of the HTTP measurements")
+    p.add_argument("--http-reps", type=int, default=5, help="interleaved repetitions of the HTTP measurements")
     p.add_argument("--loadgen", choices=("auto", "aiohttp", "httpx"), default="auto",
                    help="the load generator's HTTP engine (auto: aiohttp when installed, ~0.15 ms CPU per request; "
                         "httpx ~3 ms at 32 connections, CPU taken from the server on the same cores)")
@@ -374,58 +390,75 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[runtime] repetition {rep + 1}/{args.reps} ...", file=sys.stderr, flush=True)
             order = engines if rep % 2 == 0 else engines[::-1]
             for b in args.batch_sizes:
-                raw.prepare()
-                samples.setdefault(f"b{b}|{RAW}", []).append(
-                    timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock, device))
-                if on_ort is not None and ort_workers > 1:
-                    raw_par.prepare()
-                    samples.setdefault(f"b{b}|{RAW_PAR}", []).append(
-                        timed(lambda b=b: raw_pass(raw_model, padded[b], ort_workers), len(texts), args.clock,
-                              device))
                 for n in args.tasks:
+                    # The raw forward again right before each cell's engines: the machine's speed drifts by tens
+                    # of percent over a minute, so an engine is divided by the raw pass next to it (paired).
+                    raw.prepare()
+                    sample = timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock, device)
+                    samples.setdefault(f"b{b}|{RAW}", []).append(sample)
+                    samples.setdefault(f"b{b}|t{n}|{RAW}", []).append(sample)
                     for engine in order:
                         engine.prepare()
                         samples.setdefault(f"b{b}|t{n}|{engine.name}", []).append(
                             timed(lambda e=engine, n=n, b=b: run_engine(e, n, chunks[b]), len(texts), args.clock,
                                   device))
+                # After the cells, not before one: right after passes on two 1-thread workers, the raw forward on 2
+                # threads ran ~12% slower than after the engines (measured), which would flatter its cell.
+                if on_ort is not None and ort_workers > 1:
+                    raw_par.prepare()
+                    samples.setdefault(f"b{b}|{RAW_PAR}", []).append(
+                        timed(lambda b=b: raw_pass(raw_model, padded[b], ort_workers), len(texts), args.clock,
+                              device))
 
         http = None
         if not args.no_http:
             ort_cache = "" if on_ort is None else str(on_ort.runtime.cache_dir.parent)
-            http = http_runs(store, names[:HTTP_TASKS], texts, args, ort_cache)
+            raw_ref = args.concurrency if args.concurrency in args.batch_sizes else args.batch_sizes[0]
+
+            def measure_raw() -> float:
+                raw.prepare()
+                return timed(lambda: raw_pass(raw_model, padded[raw_ref]), len(texts), "wall", device)[0]
+
+            http = http_runs(store, names[:HTTP_TASKS], texts, args, ort_cache, measure_raw)
 
     def median(key: str, index: int = 0) -> float:
         return statistics.median(s[index] for s in samples[key])
+
+    def paired(key: str, reference: str) -> float:
+        """The median over repetitions of each one's rate over its reference's rate in the same repetition."""
+        return statistics.median(s[0] / r[0] for s, r in zip(samples[key], samples[reference], strict=True))
 
     rows = []
     for b in args.batch_sizes:
         raw_rate = median(f"b{b}|{RAW}")
         results[f"b{b}"] = {"raw": {"rows_per_s": raw_rate, "cpu_ms_per_row": median(f"b{b}|{RAW}", 1),
                                     "samples": samples[f"b{b}|{RAW}"]}}
-        rows.append([RAW, "-", b, fmt(raw_rate, 1), "1.00", "", fmt(median(f"b{b}|{RAW}", 1), 1), ""])
+        rows.append([RAW, "-", b, fmt(raw_rate, 1), "1.00", "1.00", "", fmt(median(f"b{b}|{RAW}", 1), 1), ""])
         if f"b{b}|{RAW_PAR}" in samples:
             par_rate = median(f"b{b}|{RAW_PAR}")
             results[f"b{b}"]["raw_passes_at_once"] = {"rows_per_s": par_rate, "workers": ort_workers,
                                                       "vs_raw": ratio(par_rate, raw_rate),
                                                       "samples": samples[f"b{b}|{RAW_PAR}"]}
-            rows.append([f"{RAW_PAR} ({ort_workers})", "-", b, fmt(par_rate, 1), fmt(ratio(par_rate, raw_rate), 2),
+            rows.append([f"{RAW_PAR} ({ort_workers})", "-", b, fmt(par_rate, 1), "", fmt(ratio(par_rate, raw_rate), 2),
                          "", fmt(median(f"b{b}|{RAW_PAR}", 1), 1), ""])
         for n in args.tasks:
-            torch_rate = median(f"b{b}|t{n}|{LPT_TORCH}")
+            cell_raw = f"b{b}|t{n}|{RAW}"
             entry = {}
             for engine in engines:
                 key = f"b{b}|t{n}|{engine.name}"
                 rate = median(key)
                 diff = agreement[f"b{b}-t{n}"].get(engine.name)
+                vs_raw, vs_torch = paired(key, cell_raw), paired(key, f"b{b}|t{n}|{LPT_TORCH}")
                 entry[engine.name] = {"rows_per_s": rate, "cpu_ms_per_row": median(key, 1), "samples": samples[key],
-                                      "vs_raw": ratio(rate, raw_rate), "vs_lpt_torch": ratio(rate, torch_rate),
+                                      "vs_raw": vs_raw, "vs_raw_of_medians": ratio(rate, raw_rate),
+                                      "raw_samples": samples[cell_raw], "vs_lpt_torch": vs_torch,
                                       "max_abs_prob_diff_vs_torch": diff}
-                rows.append([engine.name, n, b, fmt(rate, 1), fmt(ratio(rate, raw_rate), 2),
-                             "" if engine.name == LPT_TORCH else fmt(ratio(rate, torch_rate), 2),
+                rows.append([engine.name, n, b, fmt(rate, 1), fmt(vs_raw, 2), fmt(ratio(rate, raw_rate), 2),
+                             "" if engine.name == LPT_TORCH else fmt(vs_torch, 2),
                              fmt(median(key, 1), 1), "" if diff is None else f"{diff:.1e}"])
             results[f"b{b}"][f"t{n}"] = entry
-    table = markdown_table(["engine", "tasks", "batch", "rows/s", "vs raw transformers", "vs lpt torch",
-                            "CPU ms/row", "max |p - p_torch|"], rows)
+    table = markdown_table(["engine", "tasks", "batch", "rows/s", "vs raw (paired)", "vs raw (medians)",
+                            "vs lpt torch (paired)", "CPU ms/row", "max |p - p_torch|"], rows)
 
     acceptance = []
     for b in args.batch_sizes:
@@ -436,23 +469,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     http_table = ""
     if http is not None:
         raw_ref = args.concurrency if args.concurrency in args.batch_sizes else args.batch_sizes[0]
-        raw_rate = results[f"b{raw_ref}"]["raw"]["rows_per_s"]
         http_rows = []
-        results["http"] = {"raw_reference_batch": raw_ref, "raw_rows_per_s": raw_rate, "runs": http}
+        results["http"] = {"raw_reference_batch": raw_ref, "runs": http}
         for runtime, runs in http.items():
             if "mixed" not in runs:
                 continue
             mixed, single = _median_run(runs["mixed"]), _median_run(runs["one_task"])
+            # Paired: each run over the raw forward measured around it; mixed over the one-task run of its repetition.
             summary = {"mixed_rows_per_s": mixed["throughput"], "one_task_rows_per_s": single["throughput"],
-                       "mixed_vs_raw": ratio(mixed["throughput"], raw_rate),
-                       "one_task_vs_raw": ratio(single["throughput"], raw_rate),
-                       "mixed_vs_one_task": ratio(mixed["throughput"], single["throughput"])}
+                       "mixed_vs_raw": statistics.median(r["throughput"] / r["raw_rows_per_s"] for r in runs["mixed"]),
+                       "one_task_vs_raw": statistics.median(
+                           r["throughput"] / r["raw_rows_per_s"] for r in runs["one_task"]),
+                       "mixed_vs_one_task": statistics.median(
+                           m["throughput"] / o["throughput"]
+                           for m, o in zip(runs["mixed"], runs["one_task"], strict=True)),
+                       "mixed_vs_one_task_of_medians": ratio(mixed["throughput"], single["throughput"])}
             results["http"][runtime] = summary
             for load, run, tasks_n in (("mixed", mixed, HTTP_TASKS), ("one task", single, 1)):
                 srv = run["server"]
                 errors = sum(run["errors"].values()) if run["errors"] else 0
-                http_rows.append([runtime, tasks_n, fmt(run["throughput"], 1),
-                                  fmt(ratio(run["throughput"], raw_rate), 2),
+                http_rows.append([runtime, tasks_n, fmt(run["throughput"], 1), fmt(run["raw_rows_per_s"], 1),
+                                  fmt(summary["mixed_vs_raw" if load == "mixed" else "one_task_vs_raw"], 2),
                                   fmt(summary["mixed_vs_one_task"], 2) if load == "mixed" else "",
                                   fmt(run["p50_ms"], 1), fmt(run["p99_ms"], 1), fmt(srv["mean_batch_rows"], 1),
                                   fmt(srv["forward_busy_fraction"], 2), fmt(run["server_cpu_cores"], 2),
@@ -463,14 +500,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             acceptance.append([f"HTTP, 16 tasks vs one task, {runtime}", fmt(summary["mixed_vs_one_task"], 2),
                                f">= {TARGET_MIXED_VS_ONE_TASK}"])
         http_table = markdown_table(
-            ["server runtime", "tasks", "rows/s", f"vs raw (batch {raw_ref})", "mixed / one task", "p50 ms",
-             "p99 ms", "rows/batch", "forward busy", "server CPU", "client CPU", "other CPU", "errors"], http_rows)
+            ["server runtime", "tasks", "rows/s", f"raw b{raw_ref} around it", "vs raw (paired)",
+             "mixed / one task (paired)", "p50 ms", "p99 ms", "rows/batch", "forward busy", "server CPU",
+             "client CPU", "other CPU", "errors"], http_rows)
     acceptance_table = markdown_table(["acceptance (issue 8)", "measured", "target"], acceptance)
 
     padding = ", ".join(f"batch {b}: {1 - tokens / computed[b]:.0%}" for b in args.batch_sizes)
     notes = (f"{args.clock} clock in process. {len(texts)} {source} texts ({tokens / len(texts):.1f} tokens on "
              f"average; the raw forward's padded positions: {padding}), median of {args.reps} interleaved "
-             f"repetitions, {dtype} on {machine.get('accelerator', device)}. Threads: raw and lpt on torch "
+             "repetitions (paired: each engine over the raw forward measured just before its cell in the same "
+             f"repetition; medians: median over median), {dtype} on {machine.get('accelerator', device)}. "
+             "Threads: raw and lpt on torch "
              f"{args.threads} torch threads")
     if on_ort is not None:
         notes += (f"; lpt on ORT {ort_workers} pass(es) at once, each on {max(1, args.threads // ort_workers)} ORT "
@@ -482,8 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if http is not None:
         notes += (f" HTTP: {args.concurrency} closed-loop clients ({args.loadgen} load generator engine), one text "
                   "per request from the same texts, "
-                  f"{args.http_duration:.0f} s per measurement, median (lower middle) of {args.http_reps}; the servers "
-                  "and the load generator share this machine's cores.")
+                  f"{args.http_duration:.0f} s per measurement, {args.http_reps} interleaved repetitions; rows/s "
+                  "from the run of median throughput, ratios the median over repetitions of each run over the raw "
+                  "forward measured around it (in this process, servers idle); the servers and the load generator "
+                  "share this machine's cores.")
     cpu = monitor.stop()
     title = ("Encoder runtimes: lpt engine on torch and ONNX Runtime vs raw transformers" if on_ort is not None
              else f"lpt engine on torch vs raw transformers, {dtype} on {machine.get('accelerator', device)}")

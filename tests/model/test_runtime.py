@@ -26,6 +26,7 @@ from lpt_serve.model.runtime import (
     SUPERSEDED_AFTER_S,
     USED_FILE,
     UnpaddedLayerGraph,
+    additive_mask,
     layer_file,
     unpadded_misfit,
 )
@@ -108,6 +109,36 @@ def test_layers_compute_real_tokens_only_and_pass_padding_through(ort_backbone, 
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
     # A padded position is never computed: what went in comes out, finite, so masked pooling stays exact.
     torch.testing.assert_close(ours[~real], hidden[~real], atol=0, rtol=0)
+
+
+def modules_forward(backbone: Backbone, hidden: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """The layers as transformers runs them: every position, padded or not."""
+    bias = additive_mask(mask, hidden.dtype)
+    for layer in backbone.layers[start:]:
+        out = layer(hidden, attention_mask=bias)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def test_the_torch_runtime_runs_padding_free_without_gradients_and_as_the_modules_with_them(torch_backbone):
+    assert all(torch_backbone.runtime.unpadded)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 9, torch_backbone.hidden_size, generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0  # empty prompt slots
+    mask[1, 6:] = 0  # padding at the end
+    real = mask.bool()
+    with torch.inference_mode():
+        free = torch_backbone.run_layers(hidden, mask, 1, torch_backbone.num_layers)
+        reference = modules_forward(torch_backbone, hidden, mask, 1)
+    torch.testing.assert_close(free[real], reference[real], atol=1e-5, rtol=1e-5)
+    # Padded positions are not computed: what went in comes out (the modules would have changed them).
+    torch.testing.assert_close(free[~real], hidden[~real], atol=0, rtol=0)
+    assert not torch.allclose(reference[~real], hidden[~real])
+    # With gradients (the trainer) the modules run as they are, padded positions and all.
+    with torch.enable_grad():
+        trained = torch_backbone.run_layers(hidden.clone().requires_grad_(True), mask, 1, torch_backbone.num_layers)
+    torch.testing.assert_close(trained.detach(), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_layers_on_torch(ort_backbone, torch_backbone):

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lpt_serve.errors import BackboneError
 from lpt_serve.format import Fingerprint
@@ -115,24 +116,68 @@ class EncoderRuntime(Protocol):
 
 
 class TorchRuntime:
-    """The encoder's own modules in torch eager: the reference, the only one with gradients, CUDA and half precision."""
+    """The encoder's own modules in torch eager: the reference, the only one with gradients, CUDA and half precision.
+
+    Without gradients, in eval mode, a span of BERT-style layers (see `unpadded_misfit`) runs padding-free: the real
+    tokens are packed once for the span, and every layer's token-wise work (Q/K/V, the attention output, the
+    feed-forward, both layer norms) runs on them alone; only attention sees the padded layout, through
+    `scaled_dot_product_attention` (flash or memory-efficient kernels on a GPU). What `UnpaddedLayerGraph` is for
+    ONNX Runtime, with the packing kept across the span's layers. Training, and other layer kinds, run the modules
+    as they are.
+    """
 
     name = "torch"
 
     def __init__(self, embeddings: nn.Module, layers: Sequence[nn.Module]) -> None:
         self.embeddings = embeddings
         self.layers = layers
+        self.unpadded = [unpadded_misfit(layer) is None for layer in layers]
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        layers = self.layers[start:stop]
+        if (layers and not torch.is_grad_enabled() and all(self.unpadded[start:stop])
+                and not any(layer.training for layer in layers)):
+            return _run_unpadded(layers, hidden, mask)
         ext = additive_mask(mask, hidden.dtype)
-        for layer in self.layers[start:stop]:
+        for layer in layers:
             out = layer(hidden, attention_mask=ext)
             # transformers 4.x layers return a tuple, 5.x a tensor.
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+def _run_unpadded(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BERT-style `layers` on the real tokens of `hidden` [B, S, H] under `mask` [B, S]; a padded position's output is
+    its input (as in `UnpaddedLayerGraph`: nothing downstream reads it)."""
+    batch, seq, width = hidden.shape
+    flat = hidden.reshape(batch * seq, width)
+    real = mask.reshape(-1).nonzero().squeeze(1)  # [T]: the real tokens' places in the flattened batch
+    tokens = flat.index_select(0, real)
+    bias = additive_mask(mask, hidden.dtype)
+    for layer in layers:
+        tokens = _unpadded_layer(layer, tokens, real, bias, batch, seq)
+    return flat.index_copy(0, real, tokens).reshape(batch, seq, width)
+
+
+def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, bias: torch.Tensor, batch: int,
+                    seq: int) -> torch.Tensor:
+    attention = layer.attention.self
+    heads, head_size = int(attention.num_attention_heads), int(attention.attention_head_size)
+    width = heads * head_size
+    # Q, K and V of the real tokens, scattered into the padded layout the attention kernel takes (zeros elsewhere:
+    # the mask hides those keys, and their queries' outputs are never gathered).
+    qkv = torch.stack([F.linear(tokens, p.weight, p.bias) for p in (attention.query, attention.key, attention.value)])
+    padded = tokens.new_zeros(3, batch * seq, width)
+    padded[:, real] = qkv
+    q, k, v = padded.view(3, batch, seq, heads, head_size).transpose(2, 3).unbind(0)  # each [B, heads, S, size]
+    scale = float(getattr(attention, "scaling", head_size ** -0.5))
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    context = context.transpose(1, 2).reshape(batch * seq, width).index_select(0, real)
+    attended = layer.attention.output(context, tokens)  # dense, dropout, LayerNorm(x + residual)
+    return layer.output(layer.intermediate(attended), attended)
 
 
 # ----------------------------------------------------------------------------------------- exported graphs
