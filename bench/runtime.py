@@ -7,8 +7,9 @@ In process, three ways to run the same token ids through the default backbone (a
   longest row; the encoder alone, no prompts, no heads, torch at `--threads` threads. The reference the ratios
   divide by.
 * lpt engine on torch: `classify_rows` (the server's mixed pass: length buckets, shared lower layers, prompts
-  inserted at their layer, each task's head, softmax) on a backbone loaded with `runtime="torch"`, torch at
-  `--threads` threads.
+  inserted at their layer, each task's head, softmax) on a backbone loaded with `runtime="torch"` (padding-free
+  layers), run as the server runs it: on the CPU in fp32 two passes at once, each on `--threads` / 2 torch threads;
+  on an accelerator one pass at a time.
 * lpt engine on ORT: the same on a backbone loaded with `runtime="onnxruntime"` (one session for the embeddings and
   one per layer, the layers exported unpadded, cached; the export is timed apart and never inside a measurement),
   set up as the server runs it: ORT at `--threads` intra-op threads, its workers sleeping between runs, torch (the
@@ -321,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.startswith("cuda"):
         machine["accelerator"] = torch.cuda.get_device_name(device)
     on_torch = Backbone.load(device=device, dtype=dtype, runtime="torch")
-    engines: list[Engine] = [Engine(LPT_TORCH, on_torch, args.threads)]
+    torch_workers = 1 if on_accelerator(args) else ort_workers  # as `lpt_serve.serving.service.plan_inference`
+    engines: list[Engine] = [Engine(LPT_TORCH, on_torch, max(1, args.threads // torch_workers), torch_workers)]
     on_ort, ort_build = None, {"seconds": 0.0, "exported": [], "cache_dir": "", "threads": 0, "layer_forms": []}
     if not on_accelerator(args):
         t0 = time.perf_counter()
@@ -510,8 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"average; the raw forward's padded positions: {padding}), median of {args.reps} interleaved "
              "repetitions (paired: each engine over the raw forward measured just before its cell in the same "
              f"repetition; medians: median over median), {dtype} on {machine.get('accelerator', device)}. "
-             "Threads: raw and lpt on torch "
-             f"{args.threads} torch threads")
+             f"Threads: raw {args.threads} torch threads; lpt on torch {torch_workers} pass(es) at once, each on "
+             f"{max(1, args.threads // torch_workers)} torch thread(s)")
     if on_ort is not None:
         notes += (f"; lpt on ORT {ort_workers} pass(es) at once, each on {max(1, args.threads // ort_workers)} ORT "
                   f"intra-op thread(s) and {args.ort_torch_threads} torch thread(s), as lpt-serve runs it; "

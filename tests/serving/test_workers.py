@@ -93,13 +93,14 @@ async def test_two_workers_answer_every_row_as_it_is_answered_alone(tiny_backbon
         torch.testing.assert_close(torch.tensor(list(prediction.scores.values())), alone, atol=1e-5, rtol=1e-5)
 
 
-def test_onnxruntime_on_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypatch, tmp_path):
+def test_fp32_on_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypatch, tmp_path):
     from lpt_serve.serving import service as service_module
 
     monkeypatch.setattr(service_module, "cpu_threads", lambda: 8)
     base = {"store": tmp_path, "device": "cpu", "dtype": "float32"}
     assert plan_inference(ServiceConfig(**base, runtime="auto")) == (2, 4)
-    assert plan_inference(ServiceConfig(**base, runtime="torch")) == (1, None)
+    assert plan_inference(ServiceConfig(**base, runtime="torch")) == (2, 4)
+    assert plan_inference(ServiceConfig(store=tmp_path, device="cpu", dtype="bfloat16", runtime="torch")) == (1, None)
     assert plan_inference(ServiceConfig(**base, runtime="auto", inference_workers=4)) == (4, 2)
     assert plan_inference(ServiceConfig(**base, runtime="auto", runtime_threads=3)) == (2, 3)
     monkeypatch.setattr(service_module, "cpu_threads", lambda: 1)
@@ -219,3 +220,25 @@ async def test_two_free_workers_split_the_waiting_rows_into_two_passes_of_equal_
         await batcher.stop()
     assert sorted(sizes) == [16, 16] and len(forward.threads) == 2
     assert len(results) == 32
+
+
+async def test_two_torch_passes_share_the_cores_and_the_service_gives_torch_its_threads_back(tiny_folder, tmp_path):
+    from lpt_serve.model.backbone import Backbone
+
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="torch")
+    found = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        service = Service(ServiceConfig(store=tmp_path / "store", runtime="torch", device="cpu", dtype="float32",
+                                        inference_workers=2, runtime_threads=1, warmup=False, sync_interval_s=0),
+                          backbone=backbone)
+        await service.start()
+        try:
+            # Two passes at once, each on one torch thread: not two passes on three threads each.
+            assert service.batcher.workers == 2
+            assert torch.get_num_threads() == 1
+        finally:
+            await service.stop()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(found)

@@ -33,10 +33,11 @@ class Settings(BaseSettings):
                             "and cached), torch (CUDA, half precision, or a reference), or auto (onnxruntime where it "
                             "can serve, torch otherwise)")
     onnx_cache_dir: Path | None = Field(None, description="exported ONNX graphs (default: ~/.cache/lpt-serve/onnx)")
-    runtime_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per pass (default: "
-                                        "the cores, split between the inference workers)")
+    runtime_threads: int | None = Field(None, ge=1, description="intra-op threads per pass, ONNX Runtime's or, "
+                                        "with several passes at once on torch, torch's (default: the cores, split "
+                                        "between the inference workers)")
     inference_workers: int | None = Field(None, ge=1, le=64, description="forward passes run at once (default: 2 "
-                                          "with onnxruntime on a CPU of 2 or more cores, else 1)")
+                                          "in fp32 on a CPU of 2 or more cores, else 1)")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16 or bfloat16")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset turns admin routes off")
 

@@ -107,7 +107,8 @@ def resolve_runtime(runtime: str | None, device: torch.device, dtype: torch.dtyp
 
 class _TorchThreadCount:
     """torch's intra-op thread count is process-wide (a thread cannot set its own): it is turned down while any
-    backbone computes on onnxruntime, and restored when the last of them leaves it."""
+    backbone computes on onnxruntime, or serves several torch passes at once, and restored when the last of them
+    gives it back."""
 
     def __init__(self) -> None:
         self._found: int | None = None
@@ -125,8 +126,8 @@ class _TorchThreadCount:
                 self._found = torch.get_num_threads()
             self._holders.add(holder)
             if torch.get_num_threads() != threads:
-                log.info("torch intra-op threads %d -> %d while onnxruntime computes the encoder",
-                         torch.get_num_threads(), threads)
+                log.info("torch intra-op threads %d -> %d for %s's passes", torch.get_num_threads(), threads,
+                         holder.runtime.name)
                 torch.set_num_threads(threads)
 
     def restore(self, holder: Backbone) -> None:
@@ -302,6 +303,18 @@ class Backbone(nn.Module):
     def _use_torch(self) -> None:
         self._runtime = self._torch_runtime
         _TORCH_THREADS.restore(self)
+
+    def share_torch_threads(self, threads: int) -> None:
+        """Turn torch's intra-op threads (process-wide) down to `threads` for passes that run several at once on
+        torch, each on its share of the cores, until `release_torch_threads` (or a change of runtime). On
+        onnxruntime this is already done (see `use_runtime`)."""
+        if self._runtime.name == "torch":
+            _TORCH_THREADS.lower(self, threads)
+
+    def release_torch_threads(self) -> None:
+        """Undo `share_torch_threads` (on onnxruntime, the count stays down while the runtime computes)."""
+        if self._runtime.name == "torch":
+            _TORCH_THREADS.restore(self)
 
     def freeze(self) -> None:
         self.eval()

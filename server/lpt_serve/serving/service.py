@@ -107,19 +107,21 @@ def _starting() -> Unavailable:
 
 
 def plan_inference(config: ServiceConfig) -> tuple[int, int | None]:
-    """(inference workers, ONNX Runtime intra-op threads per pass) before the backbone loads.
+    """(inference workers, intra-op threads per pass) before the backbone loads.
 
-    On the CPU with ONNX Runtime (fp32), two passes at once, each on half the cores, beat one pass on all of them:
-    separate batches keep both cores busy, where one pass's small ops leave ORT's second thread waiting (2 cores,
-    16 tasks, batch 32: 1.66x the raw transformers forward against 1.23x). Anything else runs one pass at a time
-    on all the cores (torch's OpenMP threads and a GPU's queue are shared by every pass of the process).
+    On the CPU in fp32, two passes at once, each on half the cores, beat one pass on all of them: separate batches
+    keep both cores busy, where one pass's small ops leave the second thread waiting. 2 cores, 16 tasks, batch 32:
+    ONNX Runtime 1.66x the raw transformers forward against 1.23x; torch 1.74x against 1.56x in process, and over
+    HTTP 198 and 238 rows/s against 188 and 202 in two paired runs. On torch the threads per pass are torch's own
+    count, process-wide (`inference_workers` turns it down once the backbone is loaded). A GPU, or half precision,
+    runs one pass at a time (one device queue is shared by every pass of the process).
     """
     cores = cpu_threads()
     workers = config.inference_workers
     if workers is None:
         device = resolve_device(config.device)
         fp32_cpu = device.type == "cpu" and resolve_dtype(config.dtype, device) == torch.float32
-        workers = 2 if fp32_cpu and config.runtime in ("auto", "onnxruntime") and cores >= 2 else 1
+        workers = 2 if fp32_cpu and cores >= 2 else 1
     threads = config.runtime_threads or (max(1, cores // workers) if workers > 1 else None)
     return workers, threads
 
@@ -131,11 +133,12 @@ def load_backbone(config: ServiceConfig) -> Backbone:
 
 
 def inference_workers(config: ServiceConfig, backbone: Backbone) -> int:
-    """The workers `plan_inference` chose, now that the runtime is known: an `auto` that fell back to torch runs
-    one pass at a time (two torch passes would share one OpenMP pool's cores)."""
-    workers, _ = plan_inference(config)
-    if config.inference_workers is None and backbone.runtime.name != "onnxruntime":
-        return 1
+    """The workers `plan_inference` chose, now that the backbone is loaded. Several torch passes on the CPU would
+    otherwise each run torch's full thread count on the same cores: torch's count goes down to each pass's share
+    (until `Service.stop`)."""
+    workers, threads = plan_inference(config)
+    if workers > 1 and threads is not None and backbone.runtime.name == "torch" and backbone.device.type == "cpu":
+        backbone.share_torch_threads(threads)
     return workers
 
 
@@ -299,6 +302,8 @@ class Service:
         self._watcher = self._indexing = None
         if self.batcher is not None:
             await self.batcher.stop(timeout=self.config.request_timeout_s)
+        if self.backbone is not None:
+            self.backbone.release_torch_threads()  # the passes are over: torch's thread count back to what it was
 
     def _run_batch(self, adapters: Sequence[TaskAdapter],
                    encoded: Sequence[Encoded]) -> list[list[float] | BaseException]:
