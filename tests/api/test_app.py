@@ -45,7 +45,8 @@ class Harness:
 
 
 async def start(tiny_backbone, store_root, **overrides):
-    settings = Settings(store=store_root, admin_token=TOKEN, **{"max_wait_ms": 2, **overrides})
+    # One inference worker unless a test asks for more: several tests here count what shares a pass.
+    settings = Settings(store=store_root, admin_token=TOKEN, **{"max_wait_ms": 2, "inference_workers": 1, **overrides})
     app = create_app(settings, backbone=tiny_backbone)
     return app
 

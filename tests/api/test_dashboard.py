@@ -32,7 +32,9 @@ MAX_MS = LATENCY_BUCKETS[-1] * 1000  # the highest finite bucket bound: no estim
 
 
 def make_app(tiny_backbone, store_root, **overrides):
-    return create_app(Settings(store=store_root, **{"max_wait_ms": 2, **overrides}), backbone=tiny_backbone)
+    # One inference worker: the tests read which rows shared a pass.
+    return create_app(Settings(store=store_root, **{"max_wait_ms": 2, "inference_workers": 1, **overrides}),
+                      backbone=tiny_backbone)
 
 
 def by_task(data: dict) -> dict[str, dict]:

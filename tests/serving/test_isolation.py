@@ -182,7 +182,9 @@ def http_store(tiny_backbone, tmp_path) -> Path:
 
 
 def _app(tiny_backbone, store: Path, **overrides):
-    return create_app(Settings(store=store, admin_token=ADMIN_TOKEN, **{"max_wait_ms": 2, **overrides}),
+    # One inference worker: tests here batch a poisoned task's rows with others' in one pass.
+    return create_app(Settings(store=store, admin_token=ADMIN_TOKEN,
+                               **{"max_wait_ms": 2, "inference_workers": 1, **overrides}),
                       backbone=tiny_backbone)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from types import SimpleNamespace
@@ -222,23 +225,29 @@ async def test_two_free_workers_split_the_waiting_rows_into_two_passes_of_equal_
     assert len(results) == 32
 
 
-async def test_two_torch_passes_share_the_cores_and_the_service_gives_torch_its_threads_back(tiny_folder, tmp_path):
-    from lpt_serve.model.backbone import Backbone
 
-    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="torch")
-    found = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        service = Service(ServiceConfig(store=tmp_path / "store", runtime="torch", device="cpu", dtype="float32",
-                                        inference_workers=2, runtime_threads=1, warmup=False, sync_interval_s=0),
-                          backbone=backbone)
-        await service.start()
-        try:
-            # Two passes at once, each on one torch thread: not two passes on three threads each.
-            assert service.batcher.workers == 2
-            assert torch.get_num_threads() == 1
-        finally:
+def test_two_torch_passes_share_the_cores_and_the_service_gives_torch_its_threads_back(tiny_folder, tmp_path):
+    # In a process of its own: torch's thread count is process-wide, and other tests' backbones hold it down.
+    script = textwrap.dedent(f"""
+        import asyncio, torch
+        from lpt_serve.model.backbone import Backbone
+        from lpt_serve.serving.service import Service, ServiceConfig
+
+        async def main():
+            backbone = Backbone.load({str(tiny_folder)!r}, device="cpu", dtype="float32", runtime="torch")
+            torch.set_num_threads(3)
+            service = Service(ServiceConfig(store={str(tmp_path / "store")!r}, runtime="torch", device="cpu",
+                                            dtype="float32", inference_workers=2, runtime_threads=1, warmup=False,
+                                            sync_interval_s=0), backbone=backbone)
+            await service.start()
+            print(service.batcher.workers, torch.get_num_threads())
             await service.stop()
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(found)
+            print(torch.get_num_threads())
+
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    running, stopped = out.stdout.split("\n")[:2]
+    # Two passes at once, each on one torch thread (not two passes on three threads each); then the three again.
+    assert running.split() == ["2", "1"]
+    assert stopped == "3"
