@@ -34,8 +34,8 @@ interleaved (each repetition measures every engine and setting once, the lpt eng
 forward right before each task count's engines), and the tables give medians. A shared machine's speed drifts by
 tens of percent within a minute (the same pass, the same CPU time per row, 155 to 220 rows/s a few seconds apart),
 so the ratios are paired: an engine's ratio is the median over repetitions of its rate over the raw forward measured
-next to it (the median of each over the median of the other is given beside it). Each setting also reports how
-far ORT's class probabilities lie from torch's on the first batch (max absolute difference).
+next to it (beside it, its median rate over the median of all the batch size's raw samples). Each setting also
+reports how far ORT's class probabilities lie from torch's on the first batch (max absolute difference).
 
 Over HTTP (unless `--no-http`): one `lpt-serve` subprocess per runtime (`bench.serving.Server`: the real entry
 point, uvicorn, a free local port, `--threads` torch threads, the same store), both started before anything is

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModel
 
 from lpt_serve.errors import BackboneError
@@ -25,9 +26,11 @@ from lpt_serve.model.runtime import (
     MANIFEST_FILE,
     SUPERSEDED_AFTER_S,
     USED_FILE,
+    TorchRuntime,
     UnpaddedLayerGraph,
     additive_mask,
     layer_file,
+    padding_free_misfit,
     unpadded_misfit,
 )
 from tests.tiny import make_tiny_bert
@@ -139,6 +142,52 @@ def test_the_torch_runtime_runs_padding_free_without_gradients_and_as_the_module
     with torch.enable_grad():
         trained = torch_backbone.run_layers(hidden.clone().requires_grad_(True), mask, 1, torch_backbone.num_layers)
     torch.testing.assert_close(trained.detach(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_the_padding_free_path_runs_what_wraps_the_layers_submodules(tiny_folder):
+    # LoRA (the trainer's baseline) wraps query and value after the backbone is built; evaluation runs without
+    # gradients, so the padding-free path must apply it as the modules do.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    backbone = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="torch")
+    plain = Backbone.load(tiny_folder, device="cpu", dtype="float32", runtime="torch")
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), backbone.encoder)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in backbone.encoder.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the adapter something to add
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    hidden = torch.randn(3, 9, backbone.hidden_size, generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    real = mask.bool()
+    with torch.inference_mode():
+        free = backbone.run_layers(hidden, mask, 0, backbone.num_layers)
+        without_lora = plain.run_layers(hidden, mask, 0, plain.num_layers)
+    with torch.enable_grad():
+        modules = backbone.run_layers(hidden, mask, 0, backbone.num_layers)
+    torch.testing.assert_close(free[real], modules.detach()[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(free[real], without_lora[real], atol=1e-3)
+
+
+def test_a_layer_of_bert_shape_that_computes_otherwise_runs_as_it_is():
+    # XLM-RoBERTa-XL's layers have BERT's submodules but normalise before attention (pre-LN).
+    from transformers import XLMRobertaXLConfig, XLMRobertaXLModel
+
+    torch.manual_seed(0)
+    config = XLMRobertaXLConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100)
+    layer = XLMRobertaXLModel(config, add_pooling_layer=False).eval().encoder.layer[0]
+    assert unpadded_misfit(layer) is None  # the structure alone would let it through
+    assert "probe" in padding_free_misfit(layer)
+    runtime = TorchRuntime(nn.Identity(), [layer])
+    hidden, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.inference_mode():
+        ours = runtime.run_layers(hidden, mask, 0, 1)
+        out = layer(hidden, attention_mask=additive_mask(mask, hidden.dtype))
+    theirs = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_gradients_flow_through_the_layers_on_torch(ort_backbone, torch_backbone):

@@ -226,7 +226,7 @@ async def test_two_free_workers_split_the_waiting_rows_into_two_passes_of_equal_
 
 
 
-def test_two_torch_passes_share_the_cores_and_the_service_gives_torch_its_threads_back(tiny_folder, tmp_path):
+def test_two_torch_passes_share_the_cores_and_the_services_give_torch_its_threads_back(tiny_folder, tmp_path):
     # In a process of its own: torch's thread count is process-wide, and other tests' backbones hold it down.
     script = textwrap.dedent(f"""
         import asyncio, torch
@@ -236,18 +236,23 @@ def test_two_torch_passes_share_the_cores_and_the_service_gives_torch_its_thread
         async def main():
             backbone = Backbone.load({str(tiny_folder)!r}, device="cpu", dtype="float32", runtime="torch")
             torch.set_num_threads(3)
-            service = Service(ServiceConfig(store={str(tmp_path / "store")!r}, runtime="torch", device="cpu",
-                                            dtype="float32", inference_workers=2, runtime_threads=1, warmup=False,
-                                            sync_interval_s=0), backbone=backbone)
-            await service.start()
-            print(service.batcher.workers, torch.get_num_threads())
-            await service.stop()
+            services = [Service(ServiceConfig(store={str(tmp_path / "store")!r} + str(i), runtime="torch",
+                                              device="cpu", dtype="float32", inference_workers=2, runtime_threads=1,
+                                              warmup=False, sync_interval_s=0), backbone=backbone) for i in range(2)]
+            for service in services:
+                await service.start()
+            print(services[0].batcher.workers, torch.get_num_threads())
+            await services[0].stop()
+            print(torch.get_num_threads())  # the other service still runs its two passes
+            await services[1].stop()
             print(torch.get_num_threads())
 
         asyncio.run(main())
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
-    running, stopped = out.stdout.split("\n")[:2]
-    # Two passes at once, each on one torch thread (not two passes on three threads each); then the three again.
+    running, one_stopped, both_stopped = out.stdout.split("\n")[:3]
+    # Two passes at once, each on one torch thread (not two passes on three threads each), while either service
+    # runs; the three again once both have stopped.
     assert running.split() == ["2", "1"]
-    assert stopped == "3"
+    assert one_stopped == "1"
+    assert both_stopped == "3"

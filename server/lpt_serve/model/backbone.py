@@ -107,43 +107,61 @@ def resolve_runtime(runtime: str | None, device: torch.device, dtype: torch.dtyp
 
 class _TorchThreadCount:
     """torch's intra-op thread count is process-wide (a thread cannot set its own): it is turned down while any
-    backbone computes on onnxruntime, or serves several torch passes at once, and restored when the last of them
-    gives it back."""
+    holder asks (a backbone computing on onnxruntime, a service running several torch passes at once), to the
+    fewest threads any holder asks for, and restored when the last of them gives it back. torch applies a new
+    count to threads that have not run a parallel op yet, so a holder lowers it before starting its workers."""
 
     def __init__(self) -> None:
         self._found: int | None = None
-        self._holders: weakref.WeakSet[Backbone] = weakref.WeakSet()
+        self._wanted: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def full(self) -> int:
-        """torch's thread count as it was before any backbone turned it down."""
+        """torch's thread count as it was before any holder turned it down."""
         with self._lock:
             return self._found if self._found is not None else torch.get_num_threads()
 
-    def lower(self, holder: Backbone, threads: int) -> None:
+    def lower(self, holder: object, threads: int) -> None:
         with self._lock:
             if self._found is None:
                 self._found = torch.get_num_threads()
-            self._holders.add(holder)
-            if torch.get_num_threads() != threads:
-                log.info("torch intra-op threads %d -> %d for %s's passes", torch.get_num_threads(), threads,
-                         holder.runtime.name)
-                torch.set_num_threads(threads)
+            self._wanted[holder] = threads
+            self._apply()
 
-    def restore(self, holder: Backbone) -> None:
+    def restore(self, holder: object) -> None:
         with self._lock:
-            self._holders.discard(holder)
-            if self._found is not None and not self._holders:
+            self._wanted.pop(holder, None)
+            if self._found is None:
+                return
+            if self._wanted:
+                self._apply()
+            else:
                 torch.set_num_threads(self._found)
                 self._found = None
+
+    def _apply(self) -> None:
+        threads = min(self._wanted.values())
+        if torch.get_num_threads() != threads:
+            log.info("torch intra-op threads %d -> %d", torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
 
 
 _TORCH_THREADS = _TorchThreadCount()
 
 
 def cpu_threads() -> int:
-    """torch's thread count as it was before any backbone turned it down for ONNX Runtime: the cores to share."""
+    """torch's thread count as it was before any holder turned it down: the cores to share."""
     return _TORCH_THREADS.full()
+
+
+def share_torch_threads(holder: object, threads: int) -> None:
+    """Ask for torch's intra-op threads (process-wide) to be at most `threads` while `holder` lives or until
+    `release_torch_threads(holder)`: several torch passes at once, each on its share of the cores."""
+    _TORCH_THREADS.lower(holder, threads)
+
+
+def release_torch_threads(holder: object) -> None:
+    _TORCH_THREADS.restore(holder)
 
 
 class Backbone(nn.Module):
@@ -303,18 +321,6 @@ class Backbone(nn.Module):
     def _use_torch(self) -> None:
         self._runtime = self._torch_runtime
         _TORCH_THREADS.restore(self)
-
-    def share_torch_threads(self, threads: int) -> None:
-        """Turn torch's intra-op threads (process-wide) down to `threads` for passes that run several at once on
-        torch, each on its share of the cores, until `release_torch_threads` (or a change of runtime). On
-        onnxruntime this is already done (see `use_runtime`)."""
-        if self._runtime.name == "torch":
-            _TORCH_THREADS.lower(self, threads)
-
-    def release_torch_threads(self) -> None:
-        """Undo `share_torch_threads` (on onnxruntime, the count stays down while the runtime computes)."""
-        if self._runtime.name == "torch":
-            _TORCH_THREADS.restore(self)
 
     def freeze(self) -> None:
         self.eval()

@@ -27,6 +27,7 @@ session. Every session, fresh or cached, is checked against torch on a probe bat
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -118,12 +119,14 @@ class EncoderRuntime(Protocol):
 class TorchRuntime:
     """The encoder's own modules in torch eager: the reference, the only one with gradients, CUDA and half precision.
 
-    Without gradients, in eval mode, a span of BERT-style layers (see `unpadded_misfit`) runs padding-free: the real
-    tokens are packed once for the span, and every layer's token-wise work (Q/K/V, the attention output, the
-    feed-forward, both layer norms) runs on them alone; only attention sees the padded layout, through
-    `scaled_dot_product_attention` (flash or memory-efficient kernels on a GPU). What `UnpaddedLayerGraph` is for
-    ONNX Runtime, with the packing kept across the span's layers. Training, and other layer kinds, run the modules
-    as they are.
+    Without gradients, in eval mode, a span of BERT-style layers runs padding-free: the real tokens are packed once
+    for the span, and every layer's token-wise work (Q/K/V, the attention output, the feed-forward, both layer
+    norms) runs on them alone, through the layer's own submodules (so a LoRA wrapped around one is applied); only
+    attention sees the padded layout, through `scaled_dot_product_attention` (memory-efficient kernels on a GPU).
+    What `UnpaddedLayerGraph` is for ONNX Runtime, with the packing kept across the span's layers. A layer takes
+    this path only if it passes `unpadded_misfit` and then computes what its own forward computes on a probe batch
+    (as ORT's graphs are probed): layers shaped like BERT's that compute otherwise (pre-LN, rotary, other attention)
+    run as they are. So do training and every other layer kind.
     """
 
     name = "torch"
@@ -131,7 +134,7 @@ class TorchRuntime:
     def __init__(self, embeddings: nn.Module, layers: Sequence[nn.Module]) -> None:
         self.embeddings = embeddings
         self.layers = layers
-        self.unpadded = [unpadded_misfit(layer) is None for layer in layers]
+        self.unpadded = [padding_free_misfit(layer) is None for layer in layers]
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
@@ -169,7 +172,7 @@ def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, 
     width = heads * head_size
     # Q, K and V of the real tokens, scattered into the padded layout the attention kernel takes (zeros elsewhere:
     # the mask hides those keys, and their queries' outputs are never gathered).
-    qkv = torch.stack([F.linear(tokens, p.weight, p.bias) for p in (attention.query, attention.key, attention.value)])
+    qkv = torch.stack([attention.query(tokens), attention.key(tokens), attention.value(tokens)])
     padded = tokens.new_zeros(3, batch * seq, width)
     padded[:, real] = qkv
     q, k, v = padded.view(3, batch, seq, heads, head_size).transpose(2, 3).unbind(0)  # each [B, heads, S, size]
@@ -178,6 +181,35 @@ def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, 
     context = context.transpose(1, 2).reshape(batch * seq, width).index_select(0, real)
     attended = layer.attention.output(context, tokens)  # dense, dropout, LayerNorm(x + residual)
     return layer.output(layer.intermediate(attended), attended)
+
+
+def padding_free_misfit(layer: nn.Module) -> str | None:
+    """Why `layer` cannot run padding-free in torch; None when it can: it passes `unpadded_misfit`, and on the probe
+    batch (fp32, a copy where the layer is not) its real positions equal its own forward's within the probe
+    tolerance. transformers keeps pre-LN, rotary and other attention variants in layers of BERT's shape, which
+    the structural check alone would let through."""
+    misfit = unpadded_misfit(layer)
+    if misfit is not None:
+        return misfit
+    weight = next(layer.parameters())
+    probe = layer if weight.dtype == torch.float32 else copy.deepcopy(layer).float()
+    width = int(layer.attention.self.query.in_features)
+    hidden, mask = _example_inputs(LayerGraph(probe), width, vocab=1, seed=2)
+    hidden, mask = hidden.to(weight.device), mask.to(weight.device)
+    was_training = probe.training
+    probe.eval()
+    try:
+        with torch.no_grad():
+            got = _run_unpadded([probe], hidden, mask)
+            expected = LayerGraph(probe)(hidden, mask)
+    except Exception as exc:  # a layer whose submodules take other arguments
+        return f"its submodules do not run as a BERT layer's ({type(exc).__name__}: {exc})"
+    finally:
+        probe.train(was_training)
+    real = mask.bool()
+    if not torch.allclose(got[real], expected[real], atol=PROBE_TOLERANCE, rtol=PROBE_TOLERANCE):
+        return "it computes other than a BERT layer on a probe batch (pre-LN, rotary or other attention)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- exported graphs

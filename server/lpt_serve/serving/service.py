@@ -23,7 +23,14 @@ import torch
 
 from lpt_serve.errors import DeadlineExceeded, InputTooLarge, InvalidInput, TaskQuarantined, Unavailable
 from lpt_serve.model.adapter import TaskAdapter
-from lpt_serve.model.backbone import Backbone, cpu_threads, resolve_device, resolve_dtype
+from lpt_serve.model.backbone import (
+    Backbone,
+    cpu_threads,
+    release_torch_threads,
+    resolve_device,
+    resolve_dtype,
+    share_torch_threads,
+)
 from lpt_serve.model.engine import Encoded, encode_texts
 from lpt_serve.serving.batcher import Batcher
 from lpt_serve.serving.isolation import answer_rows
@@ -111,10 +118,11 @@ def plan_inference(config: ServiceConfig) -> tuple[int, int | None]:
 
     On the CPU in fp32, two passes at once, each on half the cores, beat one pass on all of them: separate batches
     keep both cores busy, where one pass's small ops leave the second thread waiting. 2 cores, 16 tasks, batch 32:
-    ONNX Runtime 1.66x the raw transformers forward against 1.23x; torch 1.74x against 1.56x in process, and over
-    HTTP 198 and 238 rows/s against 188 and 202 in two paired runs. On torch the threads per pass are torch's own
-    count, process-wide (`inference_workers` turns it down once the backbone is loaded). A GPU, or half precision,
-    runs one pass at a time (one device queue is shared by every pass of the process).
+    ONNX Runtime 1.66x the raw transformers forward against 1.23x; torch over HTTP (passes of 11-16 rows) 1.37x
+    against 1.04x (`bench.runtime`, README), in process at batch 32 1.58x against 1.34x; with 64-row passes one
+    torch pass on 2 threads did as well or better (1.86x against 1.66x). On torch the threads per pass are torch's
+    own count, process-wide (the service turns it down while it runs). A GPU, or half precision, runs one pass at
+    a time (one device queue is shared by every pass of the process).
     """
     cores = cpu_threads()
     workers = config.inference_workers
@@ -132,14 +140,19 @@ def load_backbone(config: ServiceConfig) -> Backbone:
                          onnx_cache_dir=config.onnx_cache_dir, runtime_threads=threads)
 
 
-def inference_workers(config: ServiceConfig, backbone: Backbone) -> int:
-    """The workers `plan_inference` chose, now that the backbone is loaded. Several torch passes on the CPU would
-    otherwise each run torch's full thread count on the same cores: torch's count goes down to each pass's share
-    (until `Service.stop`)."""
-    workers, threads = plan_inference(config)
-    if workers > 1 and threads is not None and backbone.runtime.name == "torch" and backbone.device.type == "cpu":
-        backbone.share_torch_threads(threads)
-    return workers
+def inference_workers(config: ServiceConfig, backbone: Backbone) -> tuple[int, int | None]:
+    """(workers, torch threads per pass, or None to leave torch's count alone) for the loaded backbone: what
+    `plan_inference` would choose for its device and dtype (a backbone handed to the service may differ from the
+    config's). Several torch passes on the CPU would each run torch's full thread count on the same cores, so the
+    service turns torch's count down to each pass's share while it runs."""
+    cores = cpu_threads()
+    workers = config.inference_workers
+    if workers is None:
+        fp32_cpu = backbone.device.type == "cpu" and backbone.dtype == torch.float32
+        workers = 2 if fp32_cpu and cores >= 2 else 1
+    if workers > 1 and backbone.runtime.name == "torch" and backbone.device.type == "cpu":
+        return workers, config.runtime_threads or max(1, cores // workers)
+    return workers, None
 
 
 @dataclass(frozen=True)
@@ -219,7 +232,9 @@ class Service:
             self._indexing = asyncio.create_task(self._when_indexed(), name="lpt-index-wait")
         else:
             self._indexed_now()
-        workers = inference_workers(c, self.backbone)
+        workers, torch_threads = inference_workers(c, self.backbone)
+        if torch_threads is not None:  # before the batcher's threads exist: torch applies it to new threads
+            share_torch_threads(self, torch_threads)
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size, max_batch_tokens=c.max_batch_tokens,
                                max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, metrics=self.metrics,
                                workers=workers)
@@ -302,8 +317,7 @@ class Service:
         self._watcher = self._indexing = None
         if self.batcher is not None:
             await self.batcher.stop(timeout=self.config.request_timeout_s)
-        if self.backbone is not None:
-            self.backbone.release_torch_threads()  # the passes are over: torch's thread count back to what it was
+        release_torch_threads(self)  # the passes are over: torch's thread count back to what others ask for
 
     def _run_batch(self, adapters: Sequence[TaskAdapter],
                    encoded: Sequence[Encoded]) -> list[list[float] | BaseException]:
