@@ -113,8 +113,9 @@ def _starting() -> Unavailable:
     return Unavailable("the server is starting; retry shortly", retry_after=1)
 
 
-def plan_inference(config: ServiceConfig) -> tuple[int, int | None]:
-    """(inference workers, intra-op threads per pass) before the backbone loads.
+def plan_inference(config: ServiceConfig, backbone: Backbone | None = None) -> tuple[int, int | None]:
+    """(inference workers, intra-op threads per pass): for the config's device and dtype before the backbone loads,
+    for `backbone`'s once it has (one handed to the service may differ from the config).
 
     On the CPU in fp32, two passes at once, each on half the cores, beat one pass on all of them: separate batches
     keep both cores busy, where one pass's small ops leave the second thread waiting. 2 cores, 16 tasks, batch 32:
@@ -127,9 +128,12 @@ def plan_inference(config: ServiceConfig) -> tuple[int, int | None]:
     cores = cpu_threads()
     workers = config.inference_workers
     if workers is None:
-        device = resolve_device(config.device)
-        fp32_cpu = device.type == "cpu" and resolve_dtype(config.dtype, device) == torch.float32
-        workers = 2 if fp32_cpu and cores >= 2 else 1
+        if backbone is not None:
+            device, dtype = backbone.device, backbone.dtype
+        else:
+            device = resolve_device(config.device)
+            dtype = resolve_dtype(config.dtype, device)
+        workers = 2 if device.type == "cpu" and dtype == torch.float32 and cores >= 2 else 1
     threads = config.runtime_threads or (max(1, cores // workers) if workers > 1 else None)
     return workers, threads
 
@@ -141,17 +145,12 @@ def load_backbone(config: ServiceConfig) -> Backbone:
 
 
 def inference_workers(config: ServiceConfig, backbone: Backbone) -> tuple[int, int | None]:
-    """(workers, torch threads per pass, or None to leave torch's count alone) for the loaded backbone: what
-    `plan_inference` would choose for its device and dtype (a backbone handed to the service may differ from the
-    config's). Several torch passes on the CPU would each run torch's full thread count on the same cores, so the
-    service turns torch's count down to each pass's share while it runs."""
-    cores = cpu_threads()
-    workers = config.inference_workers
-    if workers is None:
-        fp32_cpu = backbone.device.type == "cpu" and backbone.dtype == torch.float32
-        workers = 2 if fp32_cpu and cores >= 2 else 1
+    """(workers, torch threads per pass, or None to leave torch's count alone) for the loaded backbone. Several
+    torch passes on the CPU would each run torch's full thread count on the same cores, so the service turns
+    torch's count down to each pass's share while it runs."""
+    workers, threads = plan_inference(config, backbone)
     if workers > 1 and backbone.runtime.name == "torch" and backbone.device.type == "cpu":
-        return workers, config.runtime_threads or max(1, cores // workers)
+        return workers, threads
     return workers, None
 
 
