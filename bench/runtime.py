@@ -30,11 +30,13 @@ the seconds of rows/s from the process's CPU time instead of the wall clock: on 
 where torch's OpenMP threads wait for a descheduled partner at every op and a wall-clock pass can take several
 times its own cost, `--threads 1 --clock cpu` measures the work itself (how much each engine computes, and how
 efficiently), and the ratios hold; the wall clock at 2 threads measures what a shared machine gives. Repetitions are
-interleaved (each repetition measures every engine and setting once, the lpt engines in alternating order, the raw
-forward right before each task count's engines), and the tables give medians. A shared machine's speed drifts by
-tens of percent within a minute (the same pass, the same CPU time per row, 155 to 220 rows/s a few seconds apart),
-so the ratios are paired: an engine's ratio is the median over repetitions of its rate over the raw forward measured
-next to it (beside it, its median rate over the median of all the batch size's raw samples). Each setting also
+interleaved (each repetition measures every engine and setting once), and the tables give medians. A shared
+machine's speed drifts by tens of percent within a minute (the same pass, the same CPU time per row, 155 to 220
+rows/s a few seconds apart), so the ratios are paired, and finely: within a repetition's (batch size, task count)
+cell, the raw forward and the engines take turns on `--slices` (2) runs of consecutive batches (the raw forward
+first in each, the engines in alternating order), a measurement being the sum over the slices; an engine's ratio is
+the median over repetitions of its rate over the raw forward's in the same cell (beside it, its median rate over
+the median of all the batch size's raw samples). Each setting also
 reports how far ORT's class probabilities lie from torch's on the first batch (max absolute difference).
 
 Over HTTP (unless `--no-http`): one `lpt-serve` subprocess per runtime (`bench.serving.Server`: the real entry
@@ -199,6 +201,27 @@ def timed(run: Callable[[], Any], rows: int, clock: str, device: str = "cpu") ->
     return rows / (CLOCKS[clock]() - started), (time.process_time() - cpu) / rows * 1000
 
 
+def elapsed(run: Callable[[], Any], clock: str, device: str = "cpu") -> tuple[float, float]:
+    """(seconds by `clock`, CPU seconds of this process) of one run."""
+    synchronize(device)
+    started, cpu = CLOCKS[clock](), time.process_time()
+    run()
+    synchronize(device)
+    return CLOCKS[clock]() - started, time.process_time() - cpu
+
+
+def rate_of(parts: Sequence[tuple[float, float]], rows: int) -> tuple[float, float]:
+    """(rows/s, CPU ms per row) of runs that together covered `rows` rows."""
+    return rows / sum(p[0] for p in parts), sum(p[1] for p in parts) / rows * 1000
+
+
+def slices(count: int, parts: int) -> list[slice]:
+    """`count` batches as up to `parts` runs of consecutive batches, as even as they divide."""
+    parts = max(1, min(parts, count))
+    bounds = [round(i * count / parts) for i in range(parts + 1)]
+    return [slice(a, z) for a, z in zip(bounds, bounds[1:], strict=False) if z > a]
+
+
 # ---------------------------------------------------------------------------------------------------- HTTP
 def http_runs(store: Path, tasks: list[str], texts: list[str], args: argparse.Namespace,
               ort_cache: str, raw_rate: Callable[[], float]) -> dict[str, Any]:
@@ -261,6 +284,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="32,64", help="rows per forward pass, comma-separated")
     p.add_argument("--tasks", default="1,16,64", help="tasks mixed in a pass, comma-separated")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (the table gives medians)")
+    p.add_argument("--slices", type=int, default=2,
+                   help="in each repetition and cell, the raw forward and the engines take turns on this many runs "
+                        "of consecutive batches (finer pairing on a machine whose speed drifts; each slice ends when "
+                        "the engine's last pass does, so many slices leave a core idle at their ends)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (raw, lpt on torch, the servers), and ONNX Runtime intra-op threads")
     p.add_argument("--ort-workers", type=int, default=None,
@@ -390,20 +417,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples: dict[str, list[tuple[float, float]]] = {}
         for rep in range(args.reps):
             print(f"[runtime] repetition {rep + 1}/{args.reps} ...", file=sys.stderr, flush=True)
-            order = engines if rep % 2 == 0 else engines[::-1]
             for b in args.batch_sizes:
                 for n in args.tasks:
-                    # The raw forward again right before each cell's engines: the machine's speed drifts by tens
-                    # of percent over a minute, so an engine is divided by the raw pass next to it (paired).
-                    raw.prepare()
-                    sample = timed(lambda b=b: raw_pass(raw_model, padded[b]), len(texts), args.clock, device)
-                    samples.setdefault(f"b{b}|{RAW}", []).append(sample)
-                    samples.setdefault(f"b{b}|t{n}|{RAW}", []).append(sample)
-                    for engine in order:
-                        engine.prepare()
-                        samples.setdefault(f"b{b}|t{n}|{engine.name}", []).append(
-                            timed(lambda e=engine, n=n, b=b: run_engine(e, n, chunks[b]), len(texts), args.clock,
-                                  device))
+                    # The raw forward and the engines take turns on slices of the batches (the raw forward first
+                    # in each, the engines in alternating order), and each cell sums its slices: the machine's
+                    # speed drifts by tens of percent within a minute, so an engine is compared with raw passes a
+                    # second or two from its own (paired), not with one measured a cell or a minute away.
+                    spent: dict[str, list[float]] = {}
+                    for s, part in enumerate(slices(len(chunks[b]), args.slices)):
+                        raw.prepare()
+                        spent.setdefault(RAW, []).append(
+                            elapsed(lambda b=b, part=part: raw_pass(raw_model, padded[b][part]), args.clock, device))
+                        for engine in engines if (rep + s) % 2 == 0 else engines[::-1]:
+                            engine.prepare()
+                            spent.setdefault(engine.name, []).append(
+                                elapsed(lambda e=engine, n=n, b=b, part=part: run_engine(e, n, chunks[b][part]),
+                                        args.clock, device))
+                    for name, parts in spent.items():
+                        sample = rate_of(parts, len(texts))
+                        samples.setdefault(f"b{b}|t{n}|{name}", []).append(sample)
+                        if name == RAW:
+                            samples.setdefault(f"b{b}|{RAW}", []).append(sample)
                 # After the cells, not before one: right after passes on two 1-thread workers, the raw forward on 2
                 # threads ran ~12% slower than after the engines (measured), which would flatter its cell.
                 if on_ort is not None and ort_workers > 1:
@@ -510,8 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     padding = ", ".join(f"batch {b}: {1 - tokens / computed[b]:.0%}" for b in args.batch_sizes)
     notes = (f"{args.clock} clock in process. {len(texts)} {source} texts ({tokens / len(texts):.1f} tokens on "
              f"average; the raw forward's padded positions: {padding}), median of {args.reps} interleaved "
-             "repetitions (paired: each engine over the raw forward measured just before its cell in the same "
-             f"repetition; medians: median over median), {dtype} on {machine.get('accelerator', device)}. "
+             "repetitions (paired: each engine over the raw forward measured in turns with it, on "
+             f"{args.slices} slices of the batches, in the same cell and repetition; medians: median over median), "
+             f"{dtype} on {machine.get('accelerator', device)}. "
              f"Threads: raw {args.threads} torch threads; lpt on torch {torch_workers} pass(es) at once, each on "
              f"{max(1, args.threads // torch_workers)} torch thread(s)")
     if on_ort is not None:
