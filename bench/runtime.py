@@ -424,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # speed drifts by tens of percent within a minute, so an engine is compared with raw passes a
                     # second or two from its own (paired), not with one measured a cell or a minute away.
                     spent: dict[str, list[float]] = {}
-                    for s, part in enumerate(slices(len(chunks[b]), args.slices)):
+                    # At least two batches per pass at once in a slice, or a slice's last batch leaves a core idle.
+                    most = len(chunks[b]) // (2 * max(e.workers for e in engines))
+                    for s, part in enumerate(slices(len(chunks[b]), min(args.slices, most))):
                         raw.prepare()
                         spent.setdefault(RAW, []).append(
                             elapsed(lambda b=b, part=part: raw_pass(raw_model, padded[b][part]), args.clock, device))
