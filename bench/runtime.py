@@ -95,6 +95,7 @@ from bench.common import (
 NAME = "runtime"
 RAW = "raw transformers"
 RAW_PAR = "raw transformers, passes at once"
+RAW_FP32 = "raw transformers, float32"
 LPT_TORCH = "lpt engine, torch"
 LPT_ORT = "lpt engine, onnxruntime"
 LPT_ORT_SPIN = "lpt engine, onnxruntime (spinning)"
@@ -349,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.startswith("cuda"):
         machine["accelerator"] = torch.cuda.get_device_name(device)
     on_torch = Backbone.load(device=device, dtype=dtype, runtime="torch")
-    torch_workers = 1 if on_accelerator(args) else ort_workers  # as `lpt_serve.serving.service.plan_inference`
+    # As `lpt_serve.serving.service.plan_inference`: passes at once on the CPU (fp32 or bf16), one on a GPU.
+    torch_workers = 1 if device != "cpu" else ort_workers
     engines: list[Engine] = [Engine(LPT_TORCH, on_torch, max(1, args.threads // torch_workers), torch_workers)]
     on_ort, ort_build = None, {"seconds": 0.0, "exported": [], "cache_dir": "", "threads": 0, "layer_forms": []}
     if not on_accelerator(args):
@@ -371,6 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           attn_implementation="sdpa", dtype=getattr(torch, dtype),
                                           local_files_only=True).eval().to(device)
     raw = Engine(RAW, raw_model, args.threads)
+    # In half precision, the fp32 forward too: what a cheaper datatype buys over the model as usually run.
+    raw_fp32 = None
+    if dtype != "float32":
+        raw_fp32_model = AutoModel.from_pretrained(default_backbone_path(), add_pooling_layer=False,
+                                                   attn_implementation="sdpa", dtype=torch.float32,
+                                                   local_files_only=True).eval().to(device)
+        raw_fp32 = Engine(RAW_FP32, raw_fp32_model, args.threads)
     # The raw forward the way the ORT engine runs: passes at once, the threads split between them.
     raw_par = Engine(RAW_PAR, raw_model, max(1, args.threads // ort_workers), ort_workers)
 
@@ -414,6 +423,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     name: max(float((p - q).abs().max()) for p, q in zip(got, probs[LPT_TORCH], strict=True))
                     for name, got in probs.items() if name != LPT_TORCH}
 
+        if dtype != "float32":
+            # What the cheaper datatype changes: the lpt engine in `dtype` against the same engine in fp32, every
+            # text, each task count (max |p - p_fp32| and how often the top class differs).
+            reference = Backbone.load(device=device, dtype="float32", runtime="torch")
+            served_fp32 = load_served(reference, store, names)
+            first = args.batch_sizes[0]
+            engines[0].prepare()
+            results["agreement_vs_float32"] = {}
+            for n in args.tasks:
+                got = [p for batch in run_engine(engines[0], n, chunks[first]) for p in batch]
+                expected = [p for batch in engine_pass(reference, [served_fp32[t] for t in assignment[n]], encoded,
+                                                       chunks[first]) for p in batch]
+                results["agreement_vs_float32"][f"t{n}"] = {
+                    "max_abs_prob_diff": max(float((p.float() - q).abs().max()) for p, q in zip(got, expected,
+                                                                                                strict=True)),
+                    "top_class_agreement": sum(int(p.argmax()) == int(q.argmax()) for p, q in zip(got, expected,
+                                                                                                 strict=True))
+                    / len(got)}
+            del reference, served_fp32
+
         samples: dict[str, list[tuple[float, float]]] = {}
         for rep in range(args.reps):
             print(f"[runtime] repetition {rep + 1}/{args.reps} ...", file=sys.stderr, flush=True)
@@ -430,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         raw.prepare()
                         spent.setdefault(RAW, []).append(
                             elapsed(lambda b=b, part=part: raw_pass(raw_model, padded[b][part]), args.clock, device))
+                        if raw_fp32 is not None:
+                            raw_fp32.prepare()
+                            spent.setdefault(RAW_FP32, []).append(elapsed(
+                                lambda b=b, part=part: raw_pass(raw_fp32.backbone, padded[b][part]), args.clock,
+                                device))
                         for engine in engines if (rep + s) % 2 == 0 else engines[::-1]:
                             engine.prepare()
                             spent.setdefault(engine.name, []).append(
@@ -438,8 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name, parts in spent.items():
                         sample = rate_of(parts, len(texts))
                         samples.setdefault(f"b{b}|t{n}|{name}", []).append(sample)
-                        if name == RAW:
-                            samples.setdefault(f"b{b}|{RAW}", []).append(sample)
+                        if name in (RAW, RAW_FP32):
+                            samples.setdefault(f"b{b}|{name}", []).append(sample)
                 # After the cells, not before one: right after passes on two 1-thread workers, the raw forward on 2
                 # threads ran ~12% slower than after the engines (measured), which would flatter its cell.
                 if on_ort is not None and ort_workers > 1:
@@ -466,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         """The median over repetitions of each one's rate over its reference's rate in the same repetition."""
         return statistics.median(s[0] / r[0] for s, r in zip(samples[key], samples[reference], strict=True))
 
-    rows = []
+    rows, fp32_rows = [], []
     for b in args.batch_sizes:
         raw_rate = median(f"b{b}|{RAW}")
         results[f"b{b}"] = {"raw": {"rows_per_s": raw_rate, "cpu_ms_per_row": median(f"b{b}|{RAW}", 1),
@@ -479,6 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       "samples": samples[f"b{b}|{RAW_PAR}"]}
             rows.append([f"{RAW_PAR} ({ort_workers})", "-", b, fmt(par_rate, 1), "", fmt(ratio(par_rate, raw_rate), 2),
                          "", fmt(median(f"b{b}|{RAW_PAR}", 1), 1), ""])
+        if f"b{b}|{RAW_FP32}" in samples:
+            fp32_rate = median(f"b{b}|{RAW_FP32}")
+            results[f"b{b}"]["raw_float32"] = {"rows_per_s": fp32_rate, "samples": samples[f"b{b}|{RAW_FP32}"],
+                                               "cpu_ms_per_row": median(f"b{b}|{RAW_FP32}", 1)}
+            rows.append([RAW_FP32, "-", b, fmt(fp32_rate, 1), "", fmt(ratio(fp32_rate, raw_rate), 2), "",
+                         fmt(median(f"b{b}|{RAW_FP32}", 1), 1), ""])
         for n in args.tasks:
             cell_raw = f"b{b}|t{n}|{RAW}"
             entry = {}
@@ -491,12 +531,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "vs_raw": vs_raw, "vs_raw_of_medians": ratio(rate, raw_rate),
                                       "raw_samples": samples[cell_raw], "vs_lpt_torch": vs_torch,
                                       "max_abs_prob_diff_vs_torch": diff}
+                if raw_fp32 is not None:
+                    entry[engine.name]["vs_raw_float32"] = paired(key, f"b{b}|t{n}|{RAW_FP32}")
+                    fp32_rows.append([engine.name, n, b, fmt(rate, 1), fmt(entry[engine.name]["vs_raw_float32"], 2),
+                                      fmt(vs_raw, 2)])
                 rows.append([engine.name, n, b, fmt(rate, 1), fmt(vs_raw, 2), fmt(ratio(rate, raw_rate), 2),
                              "" if engine.name == LPT_TORCH else fmt(vs_torch, 2),
                              fmt(median(key, 1), 1), "" if diff is None else f"{diff:.1e}"])
             results[f"b{b}"][f"t{n}"] = entry
     table = markdown_table(["engine", "tasks", "batch", "rows/s", "vs raw (paired)", "vs raw (medians)",
                             "vs lpt torch (paired)", "CPU ms/row", "max |p - p_torch|"], rows)
+    if fp32_rows:
+        table += "\n\n" + markdown_table(["engine", "tasks", "batch", "rows/s", "vs raw float32 (paired)",
+                                          f"vs raw {dtype} (paired)"], fp32_rows)
 
     acceptance = []
     for b in args.batch_sizes:
@@ -558,6 +605,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"exported, load {ort_build['seconds']:.1f} s, layers "
                   f"{'/'.join(sorted(set(ort_build['layer_forms'])))} (cache {ort_build['cache_dir']})")
     notes += "."
+    if "agreement_vs_float32" in results:
+        worst = max(a["max_abs_prob_diff"] for a in results["agreement_vs_float32"].values())
+        agree = min(a["top_class_agreement"] for a in results["agreement_vs_float32"].values())
+        notes += (f" The lpt engine in {dtype} against the same engine in float32, every text (random adapters): "
+                  f"max |p - p_fp32| {worst:.1e}, the same top class for {agree:.1%} of the rows (worst task count).")
     if http is not None:
         notes += (f" HTTP: {args.concurrency} closed-loop clients ({args.loadgen} load generator engine), one text "
                   "per request from the same texts, "

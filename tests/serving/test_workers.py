@@ -96,14 +96,14 @@ async def test_two_workers_answer_every_row_as_it_is_answered_alone(tiny_backbon
         torch.testing.assert_close(torch.tensor(list(prediction.scores.values())), alone, atol=1e-5, rtol=1e-5)
 
 
-def test_fp32_on_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypatch, tmp_path):
+def test_the_cpu_runs_two_passes_on_half_the_cores_each(monkeypatch, tmp_path):
     from lpt_serve.serving import service as service_module
 
     monkeypatch.setattr(service_module, "cpu_threads", lambda: 8)
     base = {"store": tmp_path, "device": "cpu", "dtype": "float32"}
     assert plan_inference(ServiceConfig(**base, runtime="auto")) == (2, 4)
     assert plan_inference(ServiceConfig(**base, runtime="torch")) == (2, 4)
-    assert plan_inference(ServiceConfig(store=tmp_path, device="cpu", dtype="bfloat16", runtime="torch")) == (1, None)
+    assert plan_inference(ServiceConfig(store=tmp_path, device="cpu", dtype="bfloat16", runtime="torch")) == (2, 4)
     assert plan_inference(ServiceConfig(**base, runtime="auto", inference_workers=4)) == (4, 2)
     assert plan_inference(ServiceConfig(**base, runtime="auto", runtime_threads=3)) == (2, 3)
     monkeypatch.setattr(service_module, "cpu_threads", lambda: 1)

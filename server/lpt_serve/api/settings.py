@@ -37,7 +37,7 @@ class Settings(BaseSettings):
                                         "with several passes at once on torch, torch's (default: the cores, split "
                                         "between the inference workers)")
     inference_workers: int | None = Field(None, ge=1, le=64, description="forward passes run at once (default: 2 "
-                                          "in fp32 on a CPU of 2 or more cores, else 1)")
+                                          "on a CPU of 2 or more cores, 1 on a GPU)")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16 or bfloat16")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset turns admin routes off")
 
