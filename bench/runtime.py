@@ -8,8 +8,8 @@ In process, three ways to run the same token ids through the default backbone (a
   divide by.
 * lpt engine on torch: `classify_rows` (the server's mixed pass: length buckets, shared lower layers, prompts
   inserted at their layer, each task's head, softmax) on a backbone loaded with `runtime="torch"` (padding-free
-  layers), run as the server runs it: on the CPU in fp32 two passes at once, each on `--threads` / 2 torch threads;
-  on an accelerator one pass at a time.
+  layers), run as the server runs it: on the CPU two passes at once, each on `--threads` / 2 torch threads; on an
+  accelerator one pass at a time.
 * lpt engine on ORT: the same on a backbone loaded with `runtime="onnxruntime"` (one session for the embeddings and
   one per layer, the layers exported unpadded, cached; the export is timed apart and never inside a measurement),
   set up as the server runs it: ORT at `--threads` intra-op threads, its workers sleeping between runs, torch (the
@@ -59,12 +59,16 @@ On a shared 2-core VM, torch at 2 threads with libgomp's default spin-wait ran t
 so an environment variable, inherited by the servers) removes that, and is the fairer 2-thread baseline there.
     python -m bench.runtime --quick    # smoke run
 
-On an accelerator (`--device cuda --dtype bfloat16`, or float16): the same table for raw transformers and the lpt
-engine on torch (ONNX Runtime is the CPU runtime here: its rows are left out), the model and every batch on the
+In half precision (`--dtype bfloat16`, or float16), on the CPU or an accelerator (`--device cuda`): the same table
+for raw transformers and the lpt engine on torch (ONNX Runtime serves fp32 on the CPU: its rows are left out),
+plus the raw forward in fp32, measured in the same turns, and a second table of each engine over the raw forward
+in fp32 and in its own dtype; the notes give how far the engine's probabilities lie from the same engine in fp32
+over every text, and how often the top class differs. On an accelerator the model and every batch are on the
 device, each measurement ended by `torch.cuda.synchronize()`, the HTTP server started with the same device and
 dtype. CUDA graphs and `torch.compile` are not used by the engine yet; this mode is what would show whether they
 help.
 
+    python -m bench.runtime --dtype bfloat16    # a CPU with bf16 matmuls (AMX)
     python -m bench.runtime --device cuda --dtype bfloat16 --threads 4 --batch-sizes 32,64,256
 """
 
@@ -327,7 +331,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def on_accelerator(args: argparse.Namespace) -> bool:
-    """Torch rows only: ONNX Runtime serves fp32 on the CPU."""
+    """Torch rows only (an accelerator, or half precision): ONNX Runtime serves fp32 on the CPU."""
     return args.device != "cpu" or args.dtype != "float32"
 
 
@@ -413,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b in args.batch_sizes:
             raw.prepare()
             raw_pass(raw_model, padded[b][:2])
+            if raw_fp32 is not None:
+                raw_fp32.prepare()
+                raw_pass(raw_fp32.backbone, padded[b][:2])
             for n in args.tasks:
                 probs = {}
                 for engine in engines:
@@ -444,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             del reference, served_fp32
 
         samples: dict[str, list[tuple[float, float]]] = {}
+        slices_used: dict[int, int] = {}
+        most_workers = max(e.workers for e in engines)
         for rep in range(args.reps):
             print(f"[runtime] repetition {rep + 1}/{args.reps} ...", file=sys.stderr, flush=True)
             for b in args.batch_sizes:
@@ -454,8 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # second or two from its own (paired), not with one measured a cell or a minute away.
                     spent: dict[str, list[float]] = {}
                     # At least two batches per pass at once in a slice, or a slice's last batch leaves a core idle.
-                    most = len(chunks[b]) // (2 * max(e.workers for e in engines))
-                    for s, part in enumerate(slices(len(chunks[b]), min(args.slices, most))):
+                    parts = slices(len(chunks[b]), min(args.slices, len(chunks[b]) // (2 * most_workers)))
+                    slices_used[b] = len(parts)
+                    for s, part in enumerate(parts):
                         raw.prepare()
                         spent.setdefault(RAW, []).append(
                             elapsed(lambda b=b, part=part: raw_pass(raw_model, padded[b][part]), args.clock, device))
@@ -594,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = (f"{args.clock} clock in process. {len(texts)} {source} texts ({tokens / len(texts):.1f} tokens on "
              f"average; the raw forward's padded positions: {padding}), median of {args.reps} interleaved "
              "repetitions (paired: each engine over the raw forward measured in turns with it, on "
-             f"{args.slices} slices of the batches, in the same cell and repetition; medians: median over median), "
+             f"{'/'.join(str(slices_used.get(b, 1)) for b in args.batch_sizes)} slice(s) of the batches (by batch "
+             "size), in the same cell and repetition; medians: median over median), "
              f"{dtype} on {machine.get('accelerator', device)}. "
              f"Threads: raw {args.threads} torch threads; lpt on torch {torch_workers} pass(es) at once, each on "
              f"{max(1, args.threads // torch_workers)} torch thread(s)")
@@ -627,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(part)
     payload = {
         "benchmark": NAME, "date": now_iso(), "machine": machine, "quick": args.quick, "wait": wait,
-        "cpu_contention": cpu, "settings": {**vars(args), "text_source": source, "mean_tokens": tokens / len(texts)},
+        "cpu_contention": cpu, "settings": {**vars(args), "text_source": source, "mean_tokens": tokens / len(texts),
+                                            "slices_used": slices_used},
         "ort_build": ort_build, "results": results,
         "tables": {"main": table, "http": http_table, "acceptance": acceptance_table},
         "total_seconds": round(time.perf_counter() - started, 1),

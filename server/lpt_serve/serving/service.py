@@ -129,7 +129,7 @@ def plan_inference(config: ServiceConfig, backbone: Backbone | None = None) -> t
     workers = config.inference_workers
     if workers is None:
         device = backbone.device if backbone is not None else resolve_device(config.device)
-        workers = 2 if device.type == "cpu" and cores >= 2 else 1
+        workers = 2 if device.type == "cpu" and cores >= 2 else 1  # any dtype (fp32 and bf16 measured)
     threads = config.runtime_threads or (max(1, cores // workers) if workers > 1 else None)
     return workers, threads
 
