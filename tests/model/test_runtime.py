@@ -31,6 +31,7 @@ from lpt_serve.model.runtime import (
     additive_mask,
     layer_file,
     padding_free_misfit,
+    rounded_rows,
     unpadded_misfit,
 )
 from tests.tiny import make_tiny_bert
@@ -142,6 +143,46 @@ def test_the_torch_runtime_runs_padding_free_without_gradients_and_as_the_module
     with torch.enable_grad():
         trained = torch_backbone.run_layers(hidden.clone().requires_grad_(True), mask, 1, torch_backbone.num_layers)
     torch.testing.assert_close(trained.detach(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_in_half_precision_on_the_cpu_the_padding_free_path_keeps_to_few_matrix_shapes(tiny_folder):
+    # oneDNN builds a kernel per new shape in bf16 on the CPU: the packed tokens are topped up with zero rows to
+    # one of a few counts, which must change nothing a real or padded position gets.
+    seen: list[int] = []
+
+    def run(dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        backbone = Backbone.load(tiny_folder, device="cpu", dtype=dtype, runtime="torch")
+        assert all(backbone.runtime.unpadded)
+        gen = torch.Generator().manual_seed(11)
+        hidden = torch.randn(3, 9, backbone.hidden_size, generator=gen).to(backbone.dtype)
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[0, :4] = 0
+        mask[1, 6:] = 0
+        hook = backbone.layers[0].attention.self.query.register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].shape[0]))
+        with torch.inference_mode():
+            free = backbone.run_layers(hidden, mask, 0, backbone.num_layers)
+        hook.remove()
+        with torch.inference_mode():
+            reference = modules_forward(backbone, hidden, mask, 0)
+        return hidden, mask.bool(), free, reference
+
+    hidden, real, free, reference = run("bfloat16")
+    count = int(real.sum())
+    assert seen == [rounded_rows(count)] and rounded_rows(count) > count
+    torch.testing.assert_close(free[real].float(), reference[real].float(), atol=6e-2, rtol=6e-2)
+    torch.testing.assert_close(free[~real], hidden[~real], atol=0, rtol=0)
+    seen.clear()
+    run("float32")
+    assert seen == [count]  # fp32 (MKL, no kernel per shape) takes its rows as they are
+
+
+def test_rounded_rows_are_few_and_waste_little():
+    counts = range(1, 16385)
+    rounded = [rounded_rows(c) for c in counts]
+    assert all(r >= c for c, r in zip(counts, rounded, strict=True))
+    assert all(r <= c * 1.125 for c, r in zip(counts, rounded, strict=True) if c > 128)
+    assert rounded == sorted(rounded) and len(set(rounded)) <= 64
 
 
 def test_the_padding_free_path_runs_what_wraps_the_layers_submodules(tiny_folder):

@@ -159,10 +159,23 @@ def _run_unpadded(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch
     flat = hidden.reshape(batch * seq, width)
     real = mask.reshape(-1).nonzero().squeeze(1)  # [T]: the real tokens' places in the flattened batch
     tokens = flat.index_select(0, real)
+    count = tokens.shape[0]
+    if hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16):
+        # oneDNN builds a kernel for every new matrix shape in half precision on the CPU (a linear on rows it has
+        # not seen took ~3x its time), and a server's passes bring a new token count nearly every time: zero rows
+        # up to a few counts keep the shapes few and the kernels cached. Rows past `count` are never read.
+        tokens = torch.cat([tokens, tokens.new_zeros(rounded_rows(count) - count, width)])
     bias = additive_mask(mask, hidden.dtype)
     for layer in layers:
         tokens = _unpadded_layer(layer, tokens, real, bias, batch, seq)
-    return flat.index_copy(0, real, tokens).reshape(batch, seq, width)
+    return flat.index_copy(0, real, tokens[:count]).reshape(batch, seq, width)
+
+
+def rounded_rows(count: int) -> int:
+    """`count` rounded up to a multiple of an eighth of its power of two, at least 16: 64 shapes up to 16k tokens,
+    at most 1/8 more rows than needed past 128."""
+    step = max(16, 1 << max(0, count.bit_length() - 4))
+    return -(-count // step) * step
 
 
 def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, bias: torch.Tensor, batch: int,
@@ -170,15 +183,18 @@ def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, 
     attention = layer.attention.self
     heads, head_size = int(attention.num_attention_heads), int(attention.attention_head_size)
     width = heads * head_size
+    count = real.shape[0]  # `tokens` may hold zero rows past the real ones (`_run_unpadded`)
     # Q, K and V of the real tokens, scattered into the padded layout the attention kernel takes (zeros elsewhere:
     # the mask hides those keys, and their queries' outputs are never gathered).
     qkv = torch.stack([attention.query(tokens), attention.key(tokens), attention.value(tokens)])
     padded = tokens.new_zeros(3, batch * seq, width)
-    padded[:, real] = qkv
+    padded[:, real] = qkv[:, :count] if qkv.shape[1] > count else qkv
     q, k, v = padded.view(3, batch, seq, heads, head_size).transpose(2, 3).unbind(0)  # each [B, heads, S, size]
     scale = float(getattr(attention, "scaling", head_size ** -0.5))
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     context = context.transpose(1, 2).reshape(batch * seq, width).index_select(0, real)
+    if tokens.shape[0] > count:
+        context = torch.cat([context, context.new_zeros(tokens.shape[0] - count, width)])
     attended = layer.attention.output(context, tokens)  # dense, dropout, LayerNorm(x + residual)
     return layer.output(layer.intermediate(attended), attended)
 
