@@ -199,11 +199,7 @@ def synchronize(device: str) -> None:
 
 def timed(run: Callable[[], Any], rows: int, clock: str, device: str = "cpu") -> tuple[float, float]:
     """(rows/s by `clock`, CPU ms per row) of one run."""
-    synchronize(device)
-    started, cpu = CLOCKS[clock](), time.process_time()
-    run()
-    synchronize(device)
-    return rows / (CLOCKS[clock]() - started), (time.process_time() - cpu) / rows * 1000
+    return rate_of([elapsed(run, clock, device)], rows)
 
 
 def elapsed(run: Callable[[], Any], clock: str, device: str = "cpu") -> tuple[float, float]:
@@ -384,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    attn_implementation="sdpa", dtype=torch.float32,
                                                    local_files_only=True).eval().to(device)
         raw_fp32 = Engine(RAW_FP32, raw_fp32_model, args.threads)
+    references = [raw] if raw_fp32 is None else [raw, raw_fp32]  # the forwards every engine is divided by
     # The raw forward the way the ORT engine runs: passes at once, the threads split between them.
     raw_par = Engine(RAW_PAR, raw_model, max(1, args.threads // ort_workers), ort_workers)
 
@@ -415,11 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Agreement, and warm-up: first-touch allocations and ORT's first runs stay out of the timing.
         agreement: dict[str, dict[str, float]] = {}
         for b in args.batch_sizes:
-            raw.prepare()
-            raw_pass(raw_model, padded[b][:2])
-            if raw_fp32 is not None:
-                raw_fp32.prepare()
-                raw_pass(raw_fp32.backbone, padded[b][:2])
+            for reference in references:
+                reference.prepare()
+                raw_pass(reference.backbone, padded[b][:2])
             for n in args.tasks:
                 probs = {}
                 for engine in engines:
@@ -442,12 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 got = [p for batch in run_engine(engines[0], n, chunks[first]) for p in batch]
                 expected = [p for batch in engine_pass(reference, [served_fp32[t] for t in assignment[n]], encoded,
                                                        chunks[first]) for p in batch]
+                pairs = list(zip(got, expected, strict=True))
                 results["agreement_vs_float32"][f"t{n}"] = {
-                    "max_abs_prob_diff": max(float((p.float() - q).abs().max()) for p, q in zip(got, expected,
-                                                                                                strict=True)),
-                    "top_class_agreement": sum(int(p.argmax()) == int(q.argmax()) for p, q in zip(got, expected,
-                                                                                                 strict=True))
-                    / len(got)}
+                    "max_abs_prob_diff": max(float((p.float() - q).abs().max()) for p, q in pairs),
+                    "top_class_agreement": sum(int(p.argmax()) == int(q.argmax()) for p, q in pairs) / len(pairs)}
             del reference, served_fp32
 
         samples: dict[str, list[tuple[float, float]]] = {}
@@ -466,21 +459,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parts = slices(len(chunks[b]), min(args.slices, len(chunks[b]) // (2 * most_workers)))
                     slices_used[b] = len(parts)
                     for s, part in enumerate(parts):
-                        raw.prepare()
-                        spent.setdefault(RAW, []).append(
-                            elapsed(lambda b=b, part=part: raw_pass(raw_model, padded[b][part]), args.clock, device))
-                        if raw_fp32 is not None:
-                            raw_fp32.prepare()
-                            spent.setdefault(RAW_FP32, []).append(elapsed(
-                                lambda b=b, part=part: raw_pass(raw_fp32.backbone, padded[b][part]), args.clock,
-                                device))
+                        for reference in references:
+                            reference.prepare()
+                            spent.setdefault(reference.name, []).append(elapsed(
+                                lambda r=reference, b=b, part=part: raw_pass(r.backbone, padded[b][part]),
+                                args.clock, device))
                         for engine in engines if (rep + s) % 2 == 0 else engines[::-1]:
                             engine.prepare()
                             spent.setdefault(engine.name, []).append(
                                 elapsed(lambda e=engine, n=n, b=b, part=part: run_engine(e, n, chunks[b][part]),
                                         args.clock, device))
-                    for name, parts in spent.items():
-                        sample = rate_of(parts, len(texts))
+                    for name, runs in spent.items():
+                        sample = rate_of(runs, len(texts))
                         samples.setdefault(f"b{b}|t{n}|{name}", []).append(sample)
                         if name in (RAW, RAW_FP32):
                             samples.setdefault(f"b{b}|{name}", []).append(sample)

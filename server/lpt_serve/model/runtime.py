@@ -164,7 +164,9 @@ def _run_unpadded(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch
         # oneDNN builds a kernel for every new matrix shape in half precision on the CPU (a linear on rows it has
         # not seen took ~3x its time), and a server's passes bring a new token count nearly every time: zero rows
         # up to a few counts keep the shapes few and the kernels cached. Rows past `count` are never read.
-        tokens = torch.cat([tokens, tokens.new_zeros(rounded_rows(count) - count, width)])
+        extra = rounded_rows(count) - count
+        if extra:
+            tokens = torch.cat([tokens, tokens.new_zeros(extra, width)])
     bias = additive_mask(mask, hidden.dtype)
     for layer in layers:
         tokens = _unpadded_layer(layer, tokens, real, bias, batch, seq)
@@ -188,7 +190,7 @@ def _unpadded_layer(layer: nn.Module, tokens: torch.Tensor, real: torch.Tensor, 
     # the mask hides those keys, and their queries' outputs are never gathered).
     qkv = torch.stack([attention.query(tokens), attention.key(tokens), attention.value(tokens)])
     padded = tokens.new_zeros(3, batch * seq, width)
-    padded[:, real] = qkv[:, :count] if qkv.shape[1] > count else qkv
+    padded[:, real] = qkv[:, :count]
     q, k, v = padded.view(3, batch, seq, heads, head_size).transpose(2, 3).unbind(0)  # each [B, heads, S, size]
     scale = float(getattr(attention, "scaling", head_size ** -0.5))
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
